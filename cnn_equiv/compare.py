@@ -1,0 +1,149 @@
+"""Reports that put the two views side by side for a model and a batch of images.
+
+`compare_views` runs the CNN (torch layers, with hooks recording its ReLU masks and max-pool
+indices) and bottom-up max-sum in the rendering model on the same images, and reports how far
+apart they are, whether the sufficient condition for exact inference (E3) holds, and, on models
+small enough to enumerate, the inference gap: exact MAP score minus max-sum score, per class.
+
+References:
+    Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from cnn_equiv.cnn import record_latents
+from cnn_equiv.mapping import to_cnn
+from drm.inference import max_sum
+from drm.levels import MaxPool, Switch
+from drm.model import DeepRenderingModel, check_images, logit_offset
+from drm.reference import DEFAULT_MAX_CONFIGURATIONS, exact_map, num_configurations
+
+
+@dataclass
+class ComparisonReport:
+    """The neural-net view against the probabilistic view on one batch.
+
+    Attributes:
+        batch_size: number of images compared.
+        logit_shift: mean of (CNN logit - max-sum score); 0 for `to_cnn(model)`, logsumexp of
+            the final bias for an imported CNN (eq. 8). It changes no softmax.
+        max_abs_logit_difference: max |CNN logit - max-sum score - logit_shift|.
+        prediction_agreement: fraction of images with the same arg-max class.
+        switch_agreement: fraction of switch units where the DRM state equals the ReLU mask.
+        translation_agreement: fraction of pooled units with the same max-pool index.
+        exactness_condition: whether the sufficient condition of E3 holds.
+        violations: why it does not (levels with negative upper templates or slopes).
+        num_configurations: latent configurations of the model (brute force is feasible below
+            the limit).
+        inference_gap: (B, C) exact max_z log p(x, c, z) minus the max-sum score on the same
+            scale, or None when the model is too large to enumerate. >= 0 always (E4); 0 when the
+            condition holds (E3).
+    """
+
+    batch_size: int
+    logit_shift: float
+    max_abs_logit_difference: float
+    prediction_agreement: float
+    switch_agreement: float
+    translation_agreement: float
+    exactness_condition: bool
+    violations: list[str] = field(default_factory=list)
+    num_configurations: int = 0
+    inference_gap: Tensor | None = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(quantity, value) rows, for printing as a table."""
+        rows = [
+            ("images", str(self.batch_size)),
+            ("max |CNN logit - max-sum score|", f"{self.max_abs_logit_difference:.3e}"),
+            ("constant logit shift (eq. 8)", f"{self.logit_shift:.6f}"),
+            ("same predicted class", f"{100 * self.prediction_agreement:.2f}%"),
+            ("switch states = ReLU masks", f"{100 * self.switch_agreement:.2f}%"),
+            ("translations = max-pool indices", f"{100 * self.translation_agreement:.2f}%"),
+            ("exactness condition (E3) holds", "yes" if self.exactness_condition else "no"),
+            ("latent configurations", f"{self.num_configurations:.3g}"),
+        ]
+        if self.inference_gap is not None:
+            gap = self.inference_gap
+            rows.append(("inference gap, mean over images and classes", f"{gap.mean():.3e}"))
+            rows.append(("inference gap, max", f"{gap.max():.3e}"))
+            rows.append(("inference gap, min (>= 0 up to rounding)", f"{gap.min():.3e}"))
+        return rows
+
+    def to_text(self) -> str:
+        """The report as a two-column text table."""
+        rows = self.rows()
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{name:<{width}}  {value}" for name, value in rows]
+        lines += [f"  violation: {v}" for v in self.violations]
+        return "\n".join(lines)
+
+
+def _agreement(mine: list[Tensor], theirs: list[Tensor], what: str) -> float:
+    if len(mine) != len(theirs):
+        raise ValueError(f"the CNN has {len(theirs)} {what} layers, the model {len(mine)}")
+    total = sum(t.numel() for t in mine)
+    if total == 0:
+        return 1.0
+    same = sum(int((a == b).sum()) for a, b in zip(mine, theirs, strict=True))
+    return same / total
+
+
+def compare_views(
+    model: DeepRenderingModel,
+    x: Tensor,
+    cnn: nn.Module | None = None,
+    exact: bool | None = None,
+    max_configurations: int = DEFAULT_MAX_CONFIGURATIONS,
+) -> ComparisonReport:
+    """Compare a CNN with bottom-up max-sum in `model` on the images x (B, C0, H, W).
+
+    Args:
+        cnn: the CNN to compare with; default `to_cnn(model)`. An imported CNN (the one given
+            to `to_drm`) may contain BatchNorm and Dropout; its ReLU/LeakyReLU and MaxPool2d
+            layers are matched to the model's switch and translation levels in order.
+        exact: enumerate every configuration for the inference gap; default: when the model
+            has at most `max_configurations`.
+    """
+    x = check_images(model, x)
+    if cnn is None:
+        cnn = to_cnn(model)
+    was_training = cnn.training
+    cnn.eval()
+    try:
+        seen = record_latents(cnn, x)
+    finally:
+        cnn.train(was_training)
+    with torch.no_grad():
+        scores, latents = max_sum(model, x)
+    difference = (seen.logits.to(scores.dtype) - scores).detach()
+    shift = float(difference.mean())
+    switches = [z for lv, z in zip(model.levels, latents, strict=True) if isinstance(lv, Switch)]
+    pools = [z for lv, z in zip(model.levels, latents, strict=True) if isinstance(lv, MaxPool)]
+    total = num_configurations(model)
+    gap = None
+    if exact if exact is not None else total <= max_configurations:
+        exact_scores, _ = exact_map(model, x, max_configurations=max(total, max_configurations))
+        gap = (exact_scores + logit_offset(model, x)[:, None] - scores).detach()
+    violations = model.exactness_violations()
+    return ComparisonReport(
+        batch_size=x.shape[0],
+        logit_shift=shift,
+        max_abs_logit_difference=float((difference - shift).abs().max()),
+        prediction_agreement=float((seen.logits.argmax(1) == scores.argmax(1)).double().mean()),
+        switch_agreement=_agreement(
+            [z for z in switches if z is not None], seen.switches, "switch"
+        ),
+        translation_agreement=_agreement(
+            [z for z in pools if z is not None], seen.translations, "max-pool"
+        ),
+        exactness_condition=not violations,
+        violations=violations,
+        num_configurations=total,
+        inference_gap=gap,
+    )

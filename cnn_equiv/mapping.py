@@ -1,0 +1,327 @@
+"""The only place parameters cross between the two views: `to_cnn` and `to_drm`, side by side.
+
+Each formula cites its numbered equation in docs/equivalence.md. Every copy asserts its shape.
+
+    DRM level                         torch layer                  equation
+    Conv(W, b)                        Conv2d(weight=W, bias=b)     (6)
+    Dense(W, b)                       Linear(weight=W, bias=b)     (7)
+    Classes(mu, prior_logits)         Linear(weight=mu, bias=log pi) (8)
+    Switch(negative_slope=alpha)      ReLU / LeakyReLU(alpha)      (9)
+    MaxPool(window)                   MaxPool2d(window)            (10)
+    AvgPool(window), Flatten          AvgPool2d, Flatten           (11)
+    (folded into the Conv/Dense)      BatchNorm1d/2d in eval mode  (12)
+    (dropped: identity at inference)  Dropout*, Identity
+    sigma^2 (rendering scale only)    (absent)                     (13)
+
+References:
+    Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
+    Ioffe, Szegedy, Batch Normalization, ICML 2015 (the folding of eq. 12).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cnn_equiv.cnn import EquivalentCNN, iter_layers
+from drm.config import AvgPoolSpec, ConvSpec, DenseSpec, MaxPoolSpec, SwitchSpec
+from drm.levels import AvgPool, Classes, Conv, Dense, Flatten, Level, MaxPool, Switch
+from drm.model import DeepRenderingModel
+
+SUPPORTED_LAYERS = (
+    "Conv2d, Linear, ReLU, LeakyReLU, MaxPool2d, AvgPool2d, Flatten, Dropout, Identity, "
+    "BatchNorm1d/2d (eval mode, right after a Conv2d or Linear)"
+)
+_DROPPED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+
+
+def _copy(tensor: Tensor, shape: Sequence[int], what: str) -> Tensor:
+    """A detached copy of `tensor`, asserting its shape (the views must never share storage)."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{what} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    return tensor.detach().clone()
+
+
+# --- DRM -> CNN --------------------------------------------------------------------------------
+
+
+def _torch_layer(level: Level) -> nn.Module:
+    """The torch layer computing `level`'s bottom-up message."""
+    if isinstance(level, Classes):
+        # eq. (8): class templates are the rows of the final weight; the bias is log pi_c.
+        num_classes, features = level.weight.shape
+        linear = nn.Linear(
+            features, num_classes, dtype=level.weight.dtype, device=level.weight.device
+        )
+        linear.weight.data = _copy(level.weight, (num_classes, features), "class templates")
+        linear.bias.data = _copy(level.log_prior, (num_classes,), "class log prior")
+        return linear
+    if isinstance(level, Dense):
+        # eq. (7): W^(l) and b^(l) are the Linear weight and bias.
+        out_features, in_features = level.weight.shape
+        linear = nn.Linear(
+            in_features, out_features, dtype=level.weight.dtype, device=level.weight.device
+        )
+        linear.weight.data = _copy(level.weight, (out_features, in_features), "Dense weight")
+        linear.bias.data = _copy(level.bias, (out_features,), "Dense bias")
+        return linear
+    if isinstance(level, Conv):
+        # eq. (6): the templates W^(l) are the filters, b^(l) the bias; same stride/padding.
+        s = level.spec
+        conv = nn.Conv2d(
+            level.in_shape[0],
+            s.out_channels,
+            s.kernel_size,
+            s.stride,
+            s.padding,
+            s.dilation,
+            s.groups,
+            dtype=level.weight.dtype,
+            device=level.weight.device,
+        )
+        conv.weight.data = _copy(level.weight, conv.weight.shape, "Conv weight")
+        assert conv.bias is not None
+        conv.bias.data = _copy(level.bias, (s.out_channels,), "Conv bias")
+        return conv
+    if isinstance(level, Switch):
+        # eq. (9): max over a in {alpha, 1} of a*u is LeakyReLU(u; alpha); alpha = 0 is ReLU.
+        alpha = level.spec.negative_slope
+        return nn.ReLU() if alpha == 0.0 else nn.LeakyReLU(alpha)
+    if isinstance(level, MaxPool):
+        # eq. (10): max over the translation t of a pooled unit is max-pooling over its window.
+        p = level.spec
+        return nn.MaxPool2d(
+            p.kernel_size, p.stride_pair, p.padding, p.dilation, ceil_mode=p.ceil_mode
+        )
+    if isinstance(level, AvgPool):
+        # eq. (11): a fixed linear rendering.
+        a = level.spec
+        return nn.AvgPool2d(
+            a.kernel_size, a.stride_pair, a.padding, False, a.count_include_pad, a.divisor_override
+        )
+    if isinstance(level, Flatten):
+        return nn.Flatten()
+    raise TypeError(f"to_cnn: level {type(level).__name__} has no CNN counterpart")
+
+
+def to_cnn(model: DeepRenderingModel) -> EquivalentCNN:
+    """The CNN whose forward pass is bottom-up max-sum in `model` (E2).
+
+    Returns:
+        An `EquivalentCNN` (an nn.Sequential) with copies of the model's parameters, on the
+        model's device and dtype; `cnn(x)` equals `drm.max_sum(model, x)[0]`.
+    """
+    if not isinstance(model, DeepRenderingModel):
+        raise TypeError(f"to_cnn expects a DeepRenderingModel, got {type(model).__name__}")
+    layers = [_torch_layer(level) for level in model.levels]
+    return EquivalentCNN(model.input_shape, *layers)
+
+
+# --- CNN -> DRM --------------------------------------------------------------------------------
+
+
+def _fold_batchnorm(
+    weight: Tensor, bias: Tensor, norm: nn.BatchNorm1d | nn.BatchNorm2d, path: str
+) -> tuple[Tensor, Tensor]:
+    """eq. (12): BN(W y + b) = (s W) y + s (b - mean) + beta, s = gamma / sqrt(var + eps)."""
+    if norm.training:
+        raise ValueError(
+            f"to_drm: {path} ({type(norm).__name__}) is in training mode, where it normalises "
+            "with batch statistics; call cnn.eval() first"
+        )
+    if norm.running_mean is None or norm.running_var is None:
+        raise ValueError(
+            f"to_drm: {path} ({type(norm).__name__}) has track_running_stats=False, so it "
+            "normalises with batch statistics and cannot be folded"
+        )
+    if norm.num_features != weight.shape[0]:
+        raise ValueError(
+            f"to_drm: {path} normalises {norm.num_features} features, the layer before it has "
+            f"{weight.shape[0]}"
+        )
+    scale = torch.rsqrt(norm.running_var.to(weight.dtype) + norm.eps)
+    shift = -norm.running_mean.to(weight.dtype) * scale
+    if norm.affine:
+        scale = scale * norm.weight.detach().to(weight.dtype)
+        shift = shift * norm.weight.detach().to(weight.dtype) + norm.bias.detach().to(weight.dtype)
+    view = (-1,) + (1,) * (weight.ndim - 1)
+    return weight * scale.view(view), bias * scale + shift
+
+
+def _conv_spec(conv: nn.Conv2d, path: str) -> ConvSpec:
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"to_drm: {path} (Conv2d) has padding_mode={conv.padding_mode!r}; only 'zeros' "
+            "padding has a rendering adjoint here"
+        )
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same": symmetric only when every dilated kernel extent is odd
+            extents = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+            if any(e % 2 for e in extents):
+                raise ValueError(
+                    f"to_drm: {path} (Conv2d) uses padding='same' with an even kernel extent, "
+                    "which pads asymmetrically; use explicit integer padding"
+                )
+            padding = (extents[0] // 2, extents[1] // 2)
+    return ConvSpec(
+        conv.out_channels,
+        tuple(conv.kernel_size),
+        tuple(conv.stride),  # type: ignore[arg-type]
+        tuple(padding),
+        tuple(conv.dilation),
+        conv.groups,
+    )  # type: ignore[arg-type]
+
+
+def to_drm(
+    cnn: nn.Module,
+    sigma2: float = 1.0,
+    input_shape: Sequence[int] | None = None,
+) -> DeepRenderingModel:
+    """The Deep Rendering Model whose max-sum inference is the forward pass of `cnn`.
+
+    Args:
+        cnn: an `EquivalentCNN` or any `nn.Sequential` (nested allowed) of the layers listed in
+            `SUPPORTED_LAYERS`, ending with the nn.Linear that scores the classes.
+        sigma2: the pixel noise variance sigma^2 of the rendering model; the CNN does not fix it
+            (eq. 13), it only scales rendered images: mu = sigma^2 h^(0).
+        input_shape: (C0, H, W) of one image; taken from the CNN when it is an `EquivalentCNN`.
+
+    Returns:
+        A model with copies of the CNN's parameters. Its scores equal the CNN's logits minus the
+        class-independent constant logsumexp(final bias) (eq. 8), so the softmax is identical.
+
+    Raises:
+        TypeError: `cnn` is not an nn.Sequential.
+        ValueError: an unsupported layer (named by its path), training-mode BatchNorm, or an
+            input shape that does not fit the layers.
+    """
+    if not isinstance(cnn, nn.Sequential):
+        raise TypeError(
+            f"to_drm expects an nn.Sequential of {SUPPORTED_LAYERS}; got {type(cnn).__name__}"
+        )
+    if input_shape is None:
+        if not isinstance(cnn, EquivalentCNN):
+            raise ValueError("to_drm needs input_shape=(C, H, W) for a plain nn.Sequential")
+        input_shape = cnn.input_shape
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
+    if not float(sigma2) > 0:
+        raise ValueError(f"sigma2 must be > 0, got {sigma2}")
+
+    # First pass: torch layers -> (path, level) with BatchNorm folded into the layer before it.
+    entries: list[tuple[str, Level]] = []
+    previous_linear: tuple[str, Level] | None = None  # a Conv/Dense that a BatchNorm may follow
+    for path, layer in iter_layers(cnn):
+        if isinstance(layer, _DROPPED):
+            continue  # identity at inference; nothing between a layer and its BatchNorm though
+        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if previous_linear is None or entries[-1] is not previous_linear:
+                raise ValueError(
+                    f"to_drm: {path} ({type(layer).__name__}) must directly follow a Conv2d or "
+                    "Linear to be folded into it"
+                )
+            prev_path, prev = previous_linear
+            assert isinstance(prev, (Conv, Dense))
+            weight, bias = _fold_batchnorm(prev.weight.detach(), prev.bias.detach(), layer, path)
+            folded: Level = (
+                Conv(prev.spec, weight, bias)
+                if isinstance(prev, Conv)
+                else Dense(prev.spec, weight, bias)
+            )
+            entries[-1] = previous_linear = (prev_path, folded)
+            continue
+        level: Level
+        if isinstance(layer, nn.Conv2d):
+            spec = _conv_spec(layer, path)
+            bias = (
+                layer.bias.detach()
+                if layer.bias is not None
+                else layer.weight.new_zeros(layer.out_channels)
+            )
+            level = Conv(
+                spec,
+                _copy(layer.weight, layer.weight.shape, f"{path}.weight"),
+                _copy(bias, (layer.out_channels,), f"{path}.bias"),
+            )
+        elif isinstance(layer, nn.Linear):
+            bias = (
+                layer.bias.detach()
+                if layer.bias is not None
+                else layer.weight.new_zeros(layer.out_features)
+            )
+            level = Dense(
+                DenseSpec(layer.out_features),
+                _copy(layer.weight, layer.weight.shape, f"{path}.weight"),
+                _copy(bias, (layer.out_features,), f"{path}.bias"),
+            )
+        elif isinstance(layer, nn.ReLU):
+            level = Switch(SwitchSpec(0.0))
+        elif isinstance(layer, nn.LeakyReLU):
+            if layer.negative_slope > 1:
+                raise ValueError(
+                    f"to_drm: {path} (LeakyReLU) has negative_slope {layer.negative_slope} > 1, "
+                    "which is not a max over switch states"
+                )
+            level = Switch(SwitchSpec(float(layer.negative_slope)))
+        elif isinstance(layer, nn.MaxPool2d):
+            level = MaxPool(
+                MaxPoolSpec(
+                    layer.kernel_size,
+                    layer.stride,
+                    layer.padding,  # type: ignore[arg-type]
+                    layer.dilation,
+                    layer.ceil_mode,
+                )
+            )  # type: ignore[arg-type]
+        elif isinstance(layer, nn.AvgPool2d):
+            if layer.ceil_mode:
+                raise ValueError(f"to_drm: {path} (AvgPool2d) with ceil_mode=True is unsupported")
+            level = AvgPool(
+                AvgPoolSpec(
+                    layer.kernel_size,
+                    layer.stride,
+                    layer.padding,  # type: ignore[arg-type]
+                    layer.count_include_pad,
+                    layer.divisor_override,
+                )
+            )
+        elif isinstance(layer, nn.Flatten):
+            if layer.start_dim != 1 or layer.end_dim != -1:
+                raise ValueError(f"to_drm: {path} (Flatten) must flatten dims 1..-1")
+            level = Flatten()
+        else:
+            raise ValueError(
+                f"to_drm: unsupported layer {path} ({type(layer).__name__}); supported layers: "
+                f"{SUPPORTED_LAYERS}"
+            )
+        entries.append((path, level))
+        previous_linear = entries[-1] if isinstance(level, (Conv, Dense)) else None
+
+    if not entries or not isinstance(entries[-1][1], Dense):
+        last = entries[-1][0] if entries else "(empty)"
+        raise ValueError(
+            f"to_drm: the CNN must end with the nn.Linear that scores the classes; its last "
+            f"layer is {last}"
+        )
+    # eq. (8): the final Linear holds the class templates and the (unnormalised) class log prior.
+    top_path, top = entries[-1]
+    assert isinstance(top, Dense)
+    entries[-1] = (top_path, Classes(top.weight.detach().clone(), top.bias.detach().clone()))
+
+    # Bind shapes here so that a misfit names the torch layer, not a level index.
+    current: tuple[int, ...] = shape
+    for path, level in entries:
+        try:
+            current = level.bind(current)
+        except ValueError as err:
+            raise ValueError(
+                f"to_drm: input shape {shape} does not fit layer {path}: {err}"
+            ) from err
+    return DeepRenderingModel(shape, [level for _, level in entries], sigma2)

@@ -1,0 +1,73 @@
+"""The Deep Rendering Model: a CNN's forward pass as exact max-sum inference.
+
+Public entry points:
+    max_sum(model, x) -> (scores, latents)      bottom-up inference (the CNN forward pass)
+    exact_map(model, x) -> (scores, latents)    brute-force MAP over every latent configuration
+    render(model, classes, latents)             top-down rendering mu(c, z)
+    log_joint(model, x, classes, latents)       log p(x, c, z) + log Z under the CNN prior
+    sample(model, n, prior="factorized")        ancestral sampling of (x, c, z)
+
+References:
+    Patel, Nguyen, Baraniuk, A Probabilistic Theory of Deep Learning, arXiv:1504.00641 (2015).
+    Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
+    Nguyen, Liu, Perez, Baraniuk, Patel, Semi-Supervised Learning with the Deep Rendering
+    Mixture Model, arXiv:1612.01942 (2016).
+    Ho, Nguyen, Patel et al., Neural Rendering Model, arXiv:1811.02657 (2018).
+"""
+
+from drm.config import (
+    AvgPoolSpec,
+    ConvSpec,
+    DenseSpec,
+    FlattenSpec,
+    MaxPoolSpec,
+    ModelConfig,
+    SwitchSpec,
+    lenet_config,
+)
+from drm.inference import frozen_scores, max_sum
+from drm.levels import AvgPool, Classes, Conv, Dense, Flatten, Level, MaxPool, Switch
+from drm.model import (
+    DeepRenderingModel,
+    Latents,
+    Sample,
+    log_joint,
+    logit_offset,
+    render,
+    rendering_terms,
+    sample,
+    top_down,
+)
+from drm.reference import exact_map, num_configurations
+
+__all__ = [
+    "AvgPool",
+    "AvgPoolSpec",
+    "Classes",
+    "Conv",
+    "ConvSpec",
+    "DeepRenderingModel",
+    "Dense",
+    "DenseSpec",
+    "Flatten",
+    "FlattenSpec",
+    "Latents",
+    "Level",
+    "MaxPool",
+    "MaxPoolSpec",
+    "ModelConfig",
+    "Sample",
+    "Switch",
+    "SwitchSpec",
+    "exact_map",
+    "frozen_scores",
+    "lenet_config",
+    "log_joint",
+    "logit_offset",
+    "max_sum",
+    "num_configurations",
+    "render",
+    "rendering_terms",
+    "sample",
+    "top_down",
+]

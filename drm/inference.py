@@ -1,0 +1,52 @@
+"""Bottom-up max-sum inference: the CNN's forward pass, with the MAP latents it implies.
+
+Max-sum message passing, fine to coarse: each level maximises its message over its own latent
+(ReLU = max over the switch a, max-pooling = max over the translation t) and hands the result up;
+the top level adds the class log prior. The returned scores equal the logits of the equivalent CNN
+(E2) and, when every top-down signal is non-negative, the exact max_z log p(x, c, z) up to a
+class-independent constant (E3, tested against `drm.exact_map`).
+
+References:
+    Patel, Nguyen, Baraniuk, A Probabilistic Theory of Deep Learning, arXiv:1504.00641 (2015).
+    Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from drm.model import DeepRenderingModel, Latents, check_images, check_latents
+
+
+def max_sum(model: DeepRenderingModel, x: Tensor) -> tuple[Tensor, Latents]:
+    """Bottom-up max-sum inference.
+
+    Args:
+        model: the rendering model.
+        x: (B, C0, H, W) images of the model's dtype and device.
+
+    Returns:
+        scores: (B, C), the CNN logits; log_joint(x, c, z*) + logit_offset(x) for every c.
+        latents: one entry per level: the switch states (bool, shaped like the level's input)
+            and translation indices (int64, shaped like the pooled output) that the CNN chose;
+            None for levels without a latent.
+    """
+    y = check_images(model, x)
+    latents: list[Tensor | None] = []
+    for level in model.levels:
+        y, latent = level.bottom_up(y)
+        latents.append(latent)
+    return y, tuple(latents)
+
+
+def frozen_scores(model: DeepRenderingModel, x: Tensor, latents: Latents) -> Tensor:
+    """The CNN with every ReLU mask and pool index frozen at `latents`: (B, C) logits.
+
+    With latents frozen the network is affine in x; at the latents of `max_sum` it is the CNN
+    (the scores are equal), and its gradients are those of the CNN (E9).
+    """
+    y = check_images(model, x)
+    latents = check_latents(model, latents, y.shape[0])
+    for level, latent in zip(model.levels, latents, strict=True):
+        y = level.bottom_up_frozen(y, latent)
+    return y

@@ -1,0 +1,443 @@
+"""The Deep Rendering Model: top-down rendering, the log-joint, and ancestral sampling.
+
+Rendering, coarse to fine (DESIGN section 3, docs/equivalence.md eq. 1-3): start from the one-hot
+class indicator at the top, walk the levels from the class templates down to the pixels, each level
+passing the signal through its top-down rendering (`Level.top_down`); the signal that reaches the
+pixels is h^(0), and the rendered image is mu(c, z) = sigma^2 * h^(0).
+
+The log-joint under the CNN prior (eq. 4), up to the normaliser log Z that depends on nothing,
+
+    log p(x, c, z) + log Z = -||x - mu||^2 / (2 sigma^2) - (D/2) log(2 pi sigma^2)
+                             + log pi_c + ||mu||^2 / (2 sigma^2) + sum_l <b^(l), v^(l)>,
+
+is computed here from the top-down rendering alone (no conv2d, ReLU or max-pool), so that it is an
+independent definition against which `drm.max_sum` (the CNN's forward pass) is tested.
+
+References:
+    Patel, Nguyen, Baraniuk, A Probabilistic Theory of Deep Learning, arXiv:1504.00641 (2015).
+    Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
+    Ho, Nguyen, Patel et al., Neural Rendering Model, arXiv:1811.02657 (2018) (the CNN prior).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from drm.config import ModelConfig
+from drm.levels import (
+    SWITCH_RULES,
+    AvgPool,
+    Classes,
+    Conv,
+    Dense,
+    Level,
+    LevelStack,
+    MaxPool,
+    Switch,
+    SwitchRule,
+    init_level,
+)
+
+# One entry per level of the model: the level's latent tensor, or None for levels without one.
+Latents = tuple[Tensor | None, ...]
+
+
+class DeepRenderingModel(nn.Module):
+    """A hierarchical rendering model: hidden levels (fine to coarse), then the class templates.
+
+    Args:
+        input_shape: (C0, H, W) of one image.
+        levels: the levels bottom-up, the last one a `Classes` level.
+        sigma2: pixel noise variance sigma^2 > 0.
+
+    The model holds parameters, not data; inference, rendering and sampling are the functions of
+    this package (`drm.max_sum`, `drm.render`, `drm.log_joint`, `drm.sample`, `drm.exact_map`).
+    """
+
+    def __init__(
+        self, input_shape: Sequence[int], levels: Sequence[Level], sigma2: float = 1.0
+    ) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
+        if not levels or not isinstance(levels[-1], Classes):
+            raise ValueError("the last level must be Classes (the class templates and prior)")
+        for i, level in enumerate(levels):
+            if not isinstance(level, Level):
+                raise TypeError(f"levels[{i}] is {type(level).__name__}, not a drm Level")
+            if isinstance(level, Classes) and i != len(levels) - 1:
+                raise ValueError(f"levels[{i}] is Classes, which may only be the last level")
+        if not float(sigma2) > 0:
+            raise ValueError(f"sigma2 must be > 0, got {sigma2}")
+        self.input_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
+        self.levels = LevelStack(levels)
+        current: tuple[int, ...] = shape
+        for i, level in enumerate(levels):
+            try:
+                current = level.bind(current)
+            except ValueError as err:
+                raise ValueError(f"levels[{i}] ({type(level).__name__}): {err}") from err
+        dtype = levels[-1].weight.dtype
+        self.register_buffer("sigma2", torch.tensor(float(sigma2), dtype=dtype))
+        self.sigma2: Tensor
+
+    @classmethod
+    def from_config(
+        cls, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> DeepRenderingModel:
+        """A model with random templates (fan-in uniform, as torch initialises layers).
+
+        Class templates are random too and the class prior is uniform.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        levels: list[Level] = []
+        shape: tuple[int, ...] = config.input_shape
+        for i, spec in enumerate(config.levels):
+            try:
+                level = init_level(spec, shape, generator, dtype)
+                shape = level.bind(shape)
+            except ValueError as err:
+                raise ValueError(f"levels[{i}] ({type(spec).__name__}): {err}") from err
+            levels.append(level)
+        if len(shape) != 1:
+            raise ValueError(
+                f"the last hidden level outputs shape {shape}; the class templates need a "
+                "vector: end the levels with FlattenSpec or DenseSpec"
+            )
+        bound = 1.0 / math.sqrt(shape[0])
+        templates = (
+            torch.rand(config.num_classes, shape[0], generator=generator, dtype=dtype) * 2 - 1
+        ) * bound
+        levels.append(Classes(templates, torch.zeros(config.num_classes, dtype=dtype)))
+        return cls(config.input_shape, levels, config.sigma2)
+
+    @property
+    def config(self) -> ModelConfig:
+        """The architecture of this model (no tensors)."""
+        return ModelConfig(
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            levels=tuple(level.spec for level in list(self.levels)[:-1]),
+            sigma2=float(self.sigma2),
+        )
+
+    @property
+    def classes(self) -> Classes:
+        """The top level."""
+        top = self.levels[-1]
+        assert isinstance(top, Classes)
+        return top
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.classes.weight.shape[0])
+
+    @property
+    def class_templates(self) -> Tensor:
+        """mu_c, one row per class: (C, D_L)."""
+        return self.classes.weight
+
+    @property
+    def class_log_prior(self) -> Tensor:
+        """log pi_c: (C,)."""
+        return self.classes.log_prior
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.classes.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.classes.weight.device
+
+    @property
+    def latent_levels(self) -> list[int]:
+        """Indices of the levels that carry a latent (switches and translations)."""
+        return [i for i, level in enumerate(self.levels) if level.has_latent]
+
+    def exactness_violations(self) -> list[str]:
+        """Why the sufficient condition for exact max-sum (E3) fails; empty when it holds.
+
+        Max-sum is exact when every top-down signal that reaches a latent is non-negative for
+        every configuration. Sufficient: the class templates and every template above the first
+        latent level are non-negative, and every switch's OFF value (negative_slope) is >= 0.
+        Templates below the first latent level, and all biases, may have any sign.
+        """
+        violations: list[str] = []
+        first_latent = min(self.latent_levels, default=len(self.levels))
+        for i, level in enumerate(self.levels):
+            if i <= first_latent:
+                continue
+            if isinstance(level, (Conv, Dense)) and bool((level.weight < 0).any()):
+                name = "class templates" if isinstance(level, Classes) else "templates"
+                count = int((level.weight < 0).sum())
+                violations.append(f"levels[{i}] ({type(level).__name__}): {count} negative {name}")
+            if isinstance(level, Switch) and level.spec.negative_slope < 0:
+                violations.append(
+                    f"levels[{i}] (Switch): negative_slope {level.spec.negative_slope} < 0"
+                )
+        return violations
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise TypeError(
+            "a DeepRenderingModel is not called directly: use drm.max_sum(model, x) for the "
+            "bottom-up scores, or cnn_equiv.to_cnn(model) for the equivalent CNN"
+        )
+
+
+# --- input validation ------------------------------------------------------------------------
+
+
+def check_images(model: DeepRenderingModel, x: object, name: str = "x") -> Tensor:
+    """Return `x` if it is a batch of images the model accepts, else raise a clear error."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype != model.dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the model is {model.dtype}; convert one of them "
+            f"(e.g. x.to({model.dtype}) or model.to({x.dtype}))"
+        )
+    if x.device != model.device:
+        raise ValueError(f"{name} is on {x.device} but the model is on {model.device}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != model.input_shape:
+        expected = "(B, {}, {}, {})".format(*model.input_shape)
+        if x.ndim == 4 and x.shape[1] != model.input_shape[0]:
+            raise ValueError(
+                f"{name} has {x.shape[1]} channels but the model expects {model.input_shape[0]}: "
+                f"expected shape {expected}, got {tuple(x.shape)}"
+            )
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def check_classes(model: DeepRenderingModel, classes: object, batch: int | None = None) -> Tensor:
+    """Return `classes` if it is a (B,) int64 tensor of valid class indices."""
+    if not isinstance(classes, Tensor):
+        raise TypeError(f"classes must be a torch.Tensor, got {type(classes).__name__}")
+    if classes.dtype != torch.long:
+        raise TypeError(f"classes must be an int64 tensor, got dtype {classes.dtype}")
+    if classes.ndim != 1 or (batch is not None and classes.shape[0] != batch):
+        want = "(B,)" if batch is None else f"({batch},)"
+        raise ValueError(f"classes must have shape {want}, got {tuple(classes.shape)}")
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= model.num_classes):
+        raise ValueError(
+            f"class index out of range: classes must lie in [0, {model.num_classes}), got "
+            f"values in [{int(classes.min())}, {int(classes.max())}]"
+        )
+    return classes.to(model.device)
+
+
+def check_latents(model: DeepRenderingModel, latents: object, batch: int) -> Latents:
+    """Return `latents` if it holds one valid latent per latent level (None elsewhere)."""
+    if not isinstance(latents, (tuple, list)) or len(latents) != len(model.levels):
+        raise ValueError(
+            f"latents must be a sequence with one entry per level ({len(model.levels)}), as "
+            "returned by drm.max_sum"
+        )
+    for i, (level, latent) in enumerate(zip(model.levels, latents, strict=True)):
+        if not level.has_latent:
+            if latent is not None:
+                raise ValueError(f"latents[{i}] must be None: {type(level).__name__} has none")
+            continue
+        if not isinstance(latent, Tensor):
+            raise TypeError(f"latents[{i}] must be a tensor for {type(level).__name__}")
+        try:
+            level.check_latent(latent, batch)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"latents[{i}]: {err}") from err
+    return tuple(latents)
+
+
+# --- top-down rendering ------------------------------------------------------------------------
+
+
+def top_down(
+    model: DeepRenderingModel, classes: Tensor, latents: Latents, rule: SwitchRule = "drm"
+) -> list[Tensor]:
+    """The top-down signals at every level boundary, rendered from the class indicator.
+
+    Args:
+        classes: (B,) int64.
+        latents: one entry per level, as returned by `drm.max_sum`.
+        rule: "drm" renders with the switch states (the model's rendering, equal to the input
+            gradient of the logit, E6); "deconvnet" and "guided" are Zeiler's deconvnet and guided
+            backpropagation, the same pass with other switch rules.
+
+    Returns:
+        signals: list of len(levels) + 1 tensors; signals[i] (B, *levels[i].in_shape) arrives at
+        the input of level i, signals[-1] is the one-hot class indicator (B, C), and
+        signals[0] = h^(0), the rendered image divided by sigma^2.
+    """
+    if rule not in SWITCH_RULES:
+        raise ValueError(f"rule must be one of {SWITCH_RULES}, got {rule!r}")
+    classes = check_classes(model, classes)
+    latents = check_latents(model, latents, classes.shape[0])
+    g = torch.nn.functional.one_hot(classes, model.num_classes).to(model.dtype)
+    signals = [g]
+    for level, latent in zip(reversed(model.levels), reversed(latents), strict=True):
+        g = level.top_down(g, latent, rule)
+        signals.append(g)
+    signals.reverse()
+    return signals
+
+
+def rendering_terms(
+    model: DeepRenderingModel, classes: Tensor, latents: Latents
+) -> tuple[Tensor, Tensor]:
+    """The rendered image and the CNN log-prior of each configuration (eq. 3 and 4).
+
+    Returns:
+        mu: (B, C0, H, W), the rendered image mu(c, z) = sigma^2 h^(0).
+        log_prior: (B,), log pi_c + sum_l <b^(l), v^(l)>, without the ||mu||^2 term.
+    """
+    signals = top_down(model, classes, latents)
+    log_prior = sum(
+        (level.prior_term(out) for level, out in zip(model.levels, signals[1:], strict=True)),
+        start=signals[0].new_zeros(signals[0].shape[0]),
+    )
+    return model.sigma2 * signals[0], log_prior
+
+
+def render(model: DeepRenderingModel, classes: Tensor, latents: Latents) -> Tensor:
+    """The rendered image mu(c, z): (B, C0, H, W) for classes (B,) and latents of B images."""
+    return rendering_terms(model, classes, latents)[0]
+
+
+def gaussian_log_joint(
+    model: DeepRenderingModel, x: Tensor, mu: Tensor, log_prior: Tensor
+) -> Tensor:
+    """The log-joint (eq. 4) from a rendering: x, mu (..., C0, H, W), log_prior (...) -> (...)."""
+    sigma2 = model.sigma2
+    dims = model.input_shape
+    num_pixels = math.prod(dims)
+    reduce = tuple(range(-len(dims), 0))
+    residual = ((x - mu) ** 2).sum(reduce)
+    energy = (mu**2).sum(reduce)
+    return (
+        -residual / (2 * sigma2)
+        - 0.5 * num_pixels * torch.log(2 * math.pi * sigma2)
+        + energy / (2 * sigma2)
+        + log_prior
+    )
+
+
+def log_joint(model: DeepRenderingModel, x: Tensor, classes: Tensor, latents: Latents) -> Tensor:
+    """log p(x, c, z) + log Z under the CNN prior, from the top-down rendering only: (B,).
+
+    Args:
+        x: (B, C0, H, W) images.
+        classes: (B,) int64 classes.
+        latents: latents of B images (one entry per level).
+    """
+    x = check_images(model, x)
+    mu, log_prior = rendering_terms(model, check_classes(model, classes, x.shape[0]), latents)
+    return gaussian_log_joint(model, x, mu, log_prior)
+
+
+def logit_offset(model: DeepRenderingModel, x: Tensor) -> Tensor:
+    """||x||^2 / (2 sigma^2) + (D/2) log(2 pi sigma^2): (B,).
+
+    log_joint(x, c, z) + logit_offset(x) is the CNN logit of class c with latents frozen at z
+    (E1); it depends on neither c nor z, so it changes no arg-max and no softmax.
+    """
+    x = check_images(model, x)
+    num_pixels = math.prod(model.input_shape)
+    return (x**2).flatten(1).sum(1) / (2 * model.sigma2) + 0.5 * num_pixels * torch.log(
+        2 * math.pi * model.sigma2
+    )
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+class Sample(NamedTuple):
+    """Draws from the model: images (n, C0, H, W), classes (n,), latents of n images."""
+
+    x: Tensor
+    classes: Tensor
+    latents: Latents
+
+
+def sample_factorized_latents(
+    model: DeepRenderingModel, n: int, generator: torch.Generator | None = None
+) -> Latents:
+    """Latents from the factorized prior: a ~ Bernoulli(prior_on), t uniform over its window."""
+    latents: list[Tensor | None] = []
+    for level in model.levels:
+        if isinstance(level, Switch):
+            probs = torch.full((n, *level.in_shape), level.spec.prior_on, dtype=torch.float64)
+            latents.append(torch.bernoulli(probs, generator=generator).bool().to(model.device))
+        elif level.has_latent:
+            counts = level.latent_counts().to(torch.float64)  # (U,)
+            uniform = torch.rand(n, counts.shape[0], generator=generator, dtype=torch.float64)
+            digits = (uniform * counts).long().clamp_max(counts.long() - 1)
+            latents.append(level.latent_from_digits(digits.to(model.device)))
+        else:
+            latents.append(None)
+    return tuple(latents)
+
+
+def sample(
+    model: DeepRenderingModel,
+    n: int,
+    prior: str = "factorized",
+    generator: torch.Generator | None = None,
+    max_configurations: int = 1_000_000,
+) -> Sample:
+    """Ancestral sampling of (c, z, x): x = mu(c, z) + eps, eps ~ N(0, sigma^2 I).
+
+    Args:
+        n: number of draws.
+        prior: "factorized" (the 2015 paper's generative prior: c ~ pi, each switch ON with its
+            level's prior_on, each translation uniform over its window; its MAP is NOT a CNN) or
+            "cnn" (the CNN prior of eq. 4, whose MAP is the CNN; exact sampling by enumeration,
+            so tiny models only, at most `max_configurations` latent configurations).
+        generator: a CPU torch.Generator for reproducible draws.
+    """
+    with torch.no_grad():
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if prior == "factorized":
+            probs = model.class_log_prior.exp().to("cpu", torch.float64)
+            classes = torch.multinomial(probs, n, replacement=True, generator=generator)
+            classes = classes.to(model.device)
+            latents = sample_factorized_latents(model, n, generator)
+        elif prior == "cnn":
+            from drm.reference import sample_cnn_prior
+
+            classes, latents = sample_cnn_prior(model, n, generator, max_configurations)
+        else:
+            raise ValueError(f"prior must be 'factorized' or 'cnn', got {prior!r}")
+        mu = render(model, classes, latents)
+        noise = torch.randn(mu.shape, generator=generator, dtype=torch.float64)
+        x = mu + model.sigma2.sqrt() * noise.to(mu.device, mu.dtype)
+        return Sample(x, classes, latents)
+
+
+__all__ = [
+    "AvgPool",
+    "DeepRenderingModel",
+    "Latents",
+    "MaxPool",
+    "Sample",
+    "check_classes",
+    "check_images",
+    "check_latents",
+    "gaussian_log_joint",
+    "log_joint",
+    "logit_offset",
+    "render",
+    "rendering_terms",
+    "sample",
+    "top_down",
+]
