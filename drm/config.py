@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 Pair = tuple[int, int]
 
@@ -160,7 +160,7 @@ class FlattenSpec:
     """Flatten (C, H, W) maps to vectors; its rendering reshapes back."""
 
 
-LevelSpec = Union[ConvSpec, DenseSpec, SwitchSpec, MaxPoolSpec, AvgPoolSpec, FlattenSpec]
+LevelSpec = ConvSpec | DenseSpec | SwitchSpec | MaxPoolSpec | AvgPoolSpec | FlattenSpec
 
 SPEC_KINDS: dict[str, type] = {
     "conv": ConvSpec,
