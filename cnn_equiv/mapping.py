@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from cnn_equiv.cnn import EquivalentCNN, iter_layers
-from drm.config import AvgPoolSpec, ConvSpec, DenseSpec, MaxPoolSpec, SwitchSpec
+from drm.config import AvgPoolSpec, ConvSpec, DenseSpec, MaxPoolSpec, SwitchSpec, as_pair
 from drm.levels import AvgPool, Classes, Conv, Dense, Flatten, Level, MaxPool, Switch
 from drm.model import DeepRenderingModel
 
@@ -170,12 +170,12 @@ def _conv_spec(conv: nn.Conv2d, path: str) -> ConvSpec:
             padding = (extents[0] // 2, extents[1] // 2)
     return ConvSpec(
         conv.out_channels,
-        tuple(conv.kernel_size),
-        tuple(conv.stride),  # type: ignore[arg-type]
-        tuple(padding),
-        tuple(conv.dilation),
+        as_pair(conv.kernel_size, "kernel_size"),
+        as_pair(conv.stride, "stride"),
+        as_pair(padding, "padding"),
+        as_pair(conv.dilation, "dilation"),
         conv.groups,
-    )  # type: ignore[arg-type]
+    )
 
 
 def to_drm(
@@ -273,21 +273,21 @@ def to_drm(
         elif isinstance(layer, nn.MaxPool2d):
             level = MaxPool(
                 MaxPoolSpec(
-                    layer.kernel_size,
-                    layer.stride,
-                    layer.padding,  # type: ignore[arg-type]
-                    layer.dilation,
+                    as_pair(layer.kernel_size, "kernel_size"),
+                    as_pair(layer.stride, "stride"),
+                    as_pair(layer.padding, "padding"),
+                    as_pair(layer.dilation, "dilation"),
                     layer.ceil_mode,
                 )
-            )  # type: ignore[arg-type]
+            )
         elif isinstance(layer, nn.AvgPool2d):
             if layer.ceil_mode:
                 raise ValueError(f"to_drm: {path} (AvgPool2d) with ceil_mode=True is unsupported")
             level = AvgPool(
                 AvgPoolSpec(
-                    layer.kernel_size,
-                    layer.stride,
-                    layer.padding,  # type: ignore[arg-type]
+                    as_pair(layer.kernel_size, "kernel_size"),
+                    as_pair(layer.stride, "stride"),
+                    as_pair(layer.padding, "padding"),
                     layer.count_include_pad,
                     layer.divisor_override,
                 )

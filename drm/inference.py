@@ -33,9 +33,11 @@ def max_sum(model: DeepRenderingModel, x: Tensor) -> tuple[Tensor, Latents]:
     """
     y = check_images(model, x)
     latents: list[Tensor | None] = []
+    owned = False  # y is the user's x (or a view of it) until a level returns a new tensor
     for level in model.levels:
-        y, latent = level.bottom_up(y)
+        y, latent = level.bottom_up(y, overwrite=owned)
         latents.append(latent)
+        owned = level.output_is_new or owned
     return y, tuple(latents)
 
 

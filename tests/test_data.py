@@ -24,7 +24,7 @@ def test_full_mnist_is_the_standard_split() -> None:
     data = load_mnist()
     assert data.x_train.shape == (60000, 1, 28, 28) and data.x_test.shape == (10000, 1, 28, 28)
     assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
-    assert 0.0 <= float(data.x_test.min()) and float(data.x_test.max()) < 1.0
+    assert float(data.x_test.min()) >= 0.0 and float(data.x_test.max()) < 1.0
     # the standard MNIST label counts of the test set
     counts = torch.bincount(data.y_test, minlength=10).tolist()
     assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -126,3 +126,36 @@ def test_softmax_of_scores_is_the_posterior_over_classes_at_the_map_latents() ->
     torch.testing.assert_close(
         F.softmax(scores, 1).detach(), F.softmax(joint, 1).detach(), atol=IDENTITY_TOL, rtol=0
     )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ARCHITECTURES["dense-only"],  # Flatten first: a view of x reaches the first Dense
+        drm.ModelConfig((1, 4, 4), 3, (drm.SwitchSpec(), drm.FlattenSpec())),
+        drm.ModelConfig((1, 4, 4), 3, (drm.FlattenSpec(), drm.SwitchSpec(0.1))),
+        drm.ModelConfig((1, 4, 4), 3, (drm.MaxPoolSpec(2), drm.SwitchSpec(), drm.FlattenSpec())),
+    ],
+    ids=["flatten-dense", "switch-first", "flatten-switch", "pool-switch"],
+)
+def test_max_sum_never_writes_into_the_images(config: drm.ModelConfig) -> None:
+    model = build(config, seed=10)
+    x = images(model, 3, seed=11)
+    kept = x.clone()
+    scores, _ = drm.max_sum(model, x)
+    assert torch.equal(x, kept)
+    torch.testing.assert_close(scores.detach(), to_cnn(model)(x), atol=IDENTITY_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["lenet", "leaky", "pool-before-switch"])
+def test_max_sum_backpropagates_like_the_cnn(name: str) -> None:
+    """In-place switches in max_sum leave autograd intact: parameter gradients are the CNN's."""
+    model = build(ARCHITECTURES[name], seed=12)
+    x = images(model, 4, seed=13)
+    labels = torch.arange(4) % model.num_classes
+    cnn = to_cnn(model)
+    F.cross_entropy(drm.max_sum(model, x)[0], labels).backward()
+    F.cross_entropy(cnn(x), labels).backward()
+    for a, b in zip(model.parameters(), cnn.parameters(), strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, atol=IDENTITY_TOL, rtol=0)
