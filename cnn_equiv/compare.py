@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ class ComparisonReport:
     Attributes:
         batch_size: number of images compared.
         logit_shift: mean of (CNN logit - max-sum score); 0 for `to_cnn(model)`, logsumexp of
-            the final bias for an imported CNN (eq. 8). It changes no softmax.
+            the final bias for an imported CNN (eq. 12). It changes no softmax.
         max_abs_logit_difference: max |CNN logit - max-sum score - logit_shift|.
         prediction_agreement: fraction of images with the same arg-max class.
         switch_agreement: fraction of switch units where the DRM state equals the ReLU mask.
@@ -61,12 +62,12 @@ class ComparisonReport:
         rows = [
             ("images", str(self.batch_size)),
             ("max |CNN logit - max-sum score|", f"{self.max_abs_logit_difference:.3e}"),
-            ("constant logit shift (eq. 8)", f"{self.logit_shift:.6f}"),
+            ("constant logit shift (eq. 12)", f"{self.logit_shift:.6f}"),
             ("same predicted class", f"{100 * self.prediction_agreement:.2f}%"),
             ("switch states = ReLU masks", f"{100 * self.switch_agreement:.2f}%"),
             ("translations = max-pool indices", f"{100 * self.translation_agreement:.2f}%"),
             ("exactness condition (E3) holds", "yes" if self.exactness_condition else "no"),
-            ("latent configurations", f"{self.num_configurations:.3g}"),
+            ("latent configurations", _count(self.num_configurations)),
         ]
         if self.inference_gap is not None:
             gap = self.inference_gap
@@ -82,6 +83,11 @@ class ComparisonReport:
         lines = [f"{name:<{width}}  {value}" for name, value in rows]
         lines += [f"  violation: {v}" for v in self.violations]
         return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    """An exact count, or its power of ten when it has more digits than fit a table."""
+    return f"{n:,}" if n < 10**9 else f"~10^{math.log10(n):.1f}"
 
 
 def _agreement(mine: list[Tensor], theirs: list[Tensor], what: str) -> float:

@@ -3,19 +3,19 @@
 Each formula cites its numbered equation in docs/equivalence.md. Every copy asserts its shape.
 
     DRM level                         torch layer                  equation
-    Conv(W, b)                        Conv2d(weight=W, bias=b)     (6)
-    Dense(W, b)                       Linear(weight=W, bias=b)     (7)
-    Classes(mu, prior_logits)         Linear(weight=mu, bias=log pi) (8)
-    Switch(negative_slope=alpha)      ReLU / LeakyReLU(alpha)      (9)
-    MaxPool(window)                   MaxPool2d(window)            (10)
-    AvgPool(window), Flatten          AvgPool2d, Flatten           (11)
-    (folded into the Conv/Dense)      BatchNorm1d/2d in eval mode  (12)
+    Conv(W, b)                        Conv2d(weight=W, bias=b)     (10)
+    Dense(W, b)                       Linear(weight=W, bias=b)     (11)
+    Classes(mu, prior_logits)         Linear(weight=mu, bias=log pi) (12)
+    Switch(negative_slope=alpha)      ReLU / LeakyReLU(alpha)      (13)
+    MaxPool(window)                   MaxPool2d(window)            (14)
+    AvgPool(window), Flatten          AvgPool2d, Flatten           (15)
+    (folded into the Conv/Dense)      BatchNorm1d/2d in eval mode  (16)
     (dropped: identity at inference)  Dropout*, Identity
-    sigma^2 (rendering scale only)    (absent)                     (13)
+    sigma^2 (rendering scale only)    (absent)                     (17)
 
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
-    Ioffe, Szegedy, Batch Normalization, ICML 2015 (the folding of eq. 12).
+    Ioffe, Szegedy, Batch Normalization, ICML 2015 (the folding of eq. 16).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _copy(tensor: Tensor, shape: Sequence[int], what: str) -> Tensor:
 def _torch_layer(level: Level) -> nn.Module:
     """The torch layer computing `level`'s bottom-up message."""
     if isinstance(level, Classes):
-        # eq. (8): class templates are the rows of the final weight; the bias is log pi_c.
+        # eq. (12): class templates are the rows of the final weight; the bias is log pi_c.
         num_classes, features = level.weight.shape
         linear = nn.Linear(
             features, num_classes, dtype=level.weight.dtype, device=level.weight.device
@@ -59,7 +59,7 @@ def _torch_layer(level: Level) -> nn.Module:
         linear.bias.data = _copy(level.log_prior, (num_classes,), "class log prior")
         return linear
     if isinstance(level, Dense):
-        # eq. (7): W^(l) and b^(l) are the Linear weight and bias.
+        # eq. (11): W^(l) and b^(l) are the Linear weight and bias.
         out_features, in_features = level.weight.shape
         linear = nn.Linear(
             in_features, out_features, dtype=level.weight.dtype, device=level.weight.device
@@ -68,7 +68,7 @@ def _torch_layer(level: Level) -> nn.Module:
         linear.bias.data = _copy(level.bias, (out_features,), "Dense bias")
         return linear
     if isinstance(level, Conv):
-        # eq. (6): the templates W^(l) are the filters, b^(l) the bias; same stride/padding.
+        # eq. (10): the templates W^(l) are the filters, b^(l) the bias; same stride/padding.
         s = level.spec
         conv = nn.Conv2d(
             level.in_shape[0],
@@ -86,17 +86,17 @@ def _torch_layer(level: Level) -> nn.Module:
         conv.bias.data = _copy(level.bias, (s.out_channels,), "Conv bias")
         return conv
     if isinstance(level, Switch):
-        # eq. (9): max over a in {alpha, 1} of a*u is LeakyReLU(u; alpha); alpha = 0 is ReLU.
+        # eq. (13): max over a in {alpha, 1} of a*u is LeakyReLU(u; alpha); alpha = 0 is ReLU.
         alpha = level.spec.negative_slope
         return nn.ReLU() if alpha == 0.0 else nn.LeakyReLU(alpha)
     if isinstance(level, MaxPool):
-        # eq. (10): max over the translation t of a pooled unit is max-pooling over its window.
+        # eq. (14): max over the translation t of a pooled unit is max-pooling over its window.
         p = level.spec
         return nn.MaxPool2d(
             p.kernel_size, p.stride_pair, p.padding, p.dilation, ceil_mode=p.ceil_mode
         )
     if isinstance(level, AvgPool):
-        # eq. (11): a fixed linear rendering.
+        # eq. (15): a fixed linear rendering.
         a = level.spec
         return nn.AvgPool2d(
             a.kernel_size, a.stride_pair, a.padding, False, a.count_include_pad, a.divisor_override
@@ -125,7 +125,7 @@ def to_cnn(model: DeepRenderingModel) -> EquivalentCNN:
 def _fold_batchnorm(
     weight: Tensor, bias: Tensor, norm: nn.BatchNorm1d | nn.BatchNorm2d, path: str
 ) -> tuple[Tensor, Tensor]:
-    """eq. (12): BN(W y + b) = (s W) y + s (b - mean) + beta, s = gamma / sqrt(var + eps)."""
+    """eq. (16): BN(W y + b) = (s W) y + s (b - mean) + beta, s = gamma / sqrt(var + eps)."""
     if norm.training:
         raise ValueError(
             f"to_drm: {path} ({type(norm).__name__}) is in training mode, where it normalises "
@@ -189,12 +189,12 @@ def to_drm(
         cnn: an `EquivalentCNN` or any `nn.Sequential` (nested allowed) of the layers listed in
             `SUPPORTED_LAYERS`, ending with the nn.Linear that scores the classes.
         sigma2: the pixel noise variance sigma^2 of the rendering model; the CNN does not fix it
-            (eq. 13), it only scales rendered images: mu = sigma^2 h^(0).
+            (eq. 17), it only scales rendered images: mu = sigma^2 h^(0).
         input_shape: (C0, H, W) of one image; taken from the CNN when it is an `EquivalentCNN`.
 
     Returns:
         A model with copies of the CNN's parameters. Its scores equal the CNN's logits minus the
-        class-independent constant logsumexp(final bias) (eq. 8), so the softmax is identical.
+        class-independent constant logsumexp(final bias) (eq. 12), so the softmax is identical.
 
     Raises:
         TypeError: `cnn` is not an nn.Sequential.
@@ -310,7 +310,7 @@ def to_drm(
             f"to_drm: the CNN must end with the nn.Linear that scores the classes; its last "
             f"layer is {last}"
         )
-    # eq. (8): the final Linear holds the class templates and the (unnormalised) class log prior.
+    # eq. (12): the final Linear holds the class templates and the (unnormalised) class log prior.
     top_path, top = entries[-1]
     assert isinstance(top, Dense)
     entries[-1] = (top_path, Classes(top.weight.detach().clone(), top.bias.detach().clone()))

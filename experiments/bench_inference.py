@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,24 @@ def interleaved_medians(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def time_candidates(
+    candidates: dict[str, Callable[[], object]], rounds: int, device: torch.device
+) -> dict[str, float]:
+    """Interleaved medians in inference mode, waiting for the GPU after each call."""
+
+    def synced(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return run
+
+    with torch.inference_mode():
+        return interleaved_medians({k: synced(f) for k, f in candidates.items()}, rounds)
+
+
 def tiny_model(width: int, seed: int = 0) -> drm.DeepRenderingModel:
     """Conv(2x2, one filter) on (1, 3, width) patches: 2*(width-1) switches, then 10 classes."""
     config = drm.ModelConfig(
@@ -91,29 +110,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for batch in args.batch_sizes:
         x = data.x_test[:batch].to(device)
         assert torch.equal(drm.max_sum(model, x)[0], plain(x))  # same numbers, not just speed
-
-        def sync() -> None:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-
-        def timed(fn: Callable[[], object]) -> Callable[[], object]:
-            def run() -> object:
-                out = fn()
-                sync()
-                return out
-
-            return run
-
-        with torch.inference_mode():
-            seconds = interleaved_medians(
-                {
-                    "max_sum": timed(lambda: drm.max_sum(model, x)),
-                    "to_cnn": timed(lambda: cnn(x)),
-                    "plain": timed(lambda: plain(x)),
-                    "plain_inplace": timed(lambda: plain_inplace(x)),
-                },
-                rounds=args.rounds,
-            )
+        seconds = time_candidates(
+            {
+                "max_sum": partial(drm.max_sum, model, x),
+                "to_cnn": partial(cnn, x),
+                "plain": partial(plain, x),
+                "plain_inplace": partial(plain_inplace, x),
+            },
+            args.rounds,
+            device,
+        )
         row = {
             "batch": batch,
             **{f"{k}_images_per_s": batch / v for k, v in seconds.items()},
@@ -125,9 +131,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- exact oracles on tiny models (real MNIST patches, float64, CPU) --------------------
     tiny = tiny_model(args.tiny_width)
-    patches = data.x_test[: args.tiny_images, :, 12:15, 10 : 10 + args.tiny_width].to(
-        torch.float64
-    )
+    patches = data.x_test[: args.tiny_images, :, 12:15, 10 : 10 + args.tiny_width].to(torch.float64)
     with torch.inference_mode():
         tiny_seconds = interleaved_medians(
             {

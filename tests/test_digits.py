@@ -60,7 +60,7 @@ def test_identities_on_real_digits(trained: tuple[nn.Sequential, drm.data.Datase
     shift = torch.logsumexp(cnn[-1].bias.detach(), 0)
     scores, latents = drm.max_sum(model, x)
     seen = record_latents(cnn, x)
-    # E2: max-sum is the forward pass (up to the prior constant of eq. 8), same latents
+    # E2: max-sum is the forward pass (up to the prior constant of eq. 12), same latents
     torch.testing.assert_close(scores.detach() + shift, seen.logits, atol=IDENTITY_TOL, rtol=0)
     switches = [
         z for lv, z in zip(model.levels, latents, strict=True) if isinstance(lv, drm.Switch)

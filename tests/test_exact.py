@@ -122,7 +122,7 @@ def test_exact_map_on_imported_cnn_with_folded_batchnorm() -> None:
     with torch.no_grad():
         exact, _ = drm.exact_map(model, x)
         logits = cnn(x)
-    shift = torch.logsumexp(cnn[5].bias.detach(), 0)  # eq. (8): the imported prior's constant
+    shift = torch.logsumexp(cnn[5].bias.detach(), 0)  # eq. (12): the imported prior's constant
     torch.testing.assert_close(
         exact + drm.logit_offset(model, x)[:, None] + shift, logits, atol=EXACT_TOL, rtol=0
     )

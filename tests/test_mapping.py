@@ -1,7 +1,7 @@
 """E8: the parameter mapping round-trips, for the DRM and for user-built torch CNNs.
 
 Oracles: the original model's parameters (DRM -> CNN -> DRM) and the original CNN's logits
-(CNN -> DRM -> CNN), up to the class-independent constant logsumexp(final bias) of eq. (8).
+(CNN -> DRM -> CNN), up to the class-independent constant logsumexp(final bias) of eq. (12).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def test_to_cnn_of_to_drm_reproduces_the_logits(name: str) -> None:
         expected = cnn(x)
         final = [m for m in cnn.modules() if isinstance(m, nn.Linear)][-1]
         bias = final.bias if final.bias is not None else torch.zeros(final.out_features)
-        shift = torch.logsumexp(bias.double(), 0)  # eq. (8)
+        shift = torch.logsumexp(bias.double(), 0)  # eq. (12)
         torch.testing.assert_close(to_cnn(model)(x) + shift, expected, atol=ROUND_TRIP_TOL, rtol=0)
         torch.testing.assert_close(
             drm.max_sum(model, x)[0] + shift, expected, atol=ROUND_TRIP_TOL, rtol=0

@@ -1,0 +1,56 @@
+"""Every experiment script runs end to end at smoke size (Pyro's test_examples.py habit)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob("*.py") if p.stem != "__init__")
+
+
+def test_there_are_scripts() -> None:
+    assert {"demo", "bench_inference"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_has_main_and_smoke_flag(name: str) -> None:
+    module = importlib.import_module(f"experiments.{name}")
+    assert callable(getattr(module, "main", None)), f"experiments/{name}.py has no main(args)"
+    assert "--smoke" in (module.__doc__ or ""), f"experiments/{name}.py docs no --smoke command"
+    args = module.parse_args(["--smoke"])
+    assert args.smoke
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_runs_at_smoke_size(name: str) -> None:
+    module = importlib.import_module(f"experiments.{name}")
+    result = module.main(module.parse_args(["--smoke"]))
+    assert isinstance(result, dict) and result
+    text = module.format_table(result)
+    assert isinstance(text, str) and text
+
+
+def test_demo_numbers_are_identities() -> None:
+    from experiments import demo
+
+    r = demo.main(demo.parse_args(["--smoke"]))
+    for key in ("e2_max_logit_difference", "e1_max_error", "e6_max_error", "nonnegative_max_gap"):
+        assert r[key] < 1e-10, key
+    assert r["e2_switch_agreement"] == 1.0 and r["e2_translation_agreement"] == 1.0
+    assert r["signed_max_gap"] > 0 and r["signed_min_gap"] > -1e-10
+    assert math.isfinite(r["test_accuracy"])
+
+
+def test_bad_command_line_is_one_line_on_stderr() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.demo", "--sigma2", "-1"],
+        capture_output=True, text=True, cwd=EXPERIMENTS.parent, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and "--sigma2" in done.stderr
