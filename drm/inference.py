@@ -37,7 +37,7 @@ def max_sum(model: DeepRenderingModel, x: Tensor) -> tuple[Tensor, Latents]:
     for level in model.levels:
         y, latent = level.bottom_up(y, overwrite=owned)
         latents.append(latent)
-        owned = level.output_is_new or owned
+        owned = level.output_kind == "new" or (level.output_kind == "view" and owned)
     return y, tuple(latents)
 
 

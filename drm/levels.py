@@ -86,9 +86,10 @@ class Level(nn.Module):
         """The hyperparameters of this level (no tensors)."""
         raise NotImplementedError
 
-    # Whether `bottom_up` returns a new tensor (False for views such as Flatten's); a level may
-    # overwrite its input in place only when every level below returned new tensors.
-    output_is_new: bool = True
+    # What `bottom_up` returns, which decides whether the next level may overwrite it in place:
+    # "new" (a fresh tensor nothing else needs), "view" (a view of the input: as reusable as the
+    # input was), "saved" (kept by autograd for this level's backward pass: never overwrite).
+    output_kind: Literal["new", "view", "saved"] = "new"
 
     def bottom_up(self, y: Tensor, overwrite: bool = False) -> tuple[Tensor, Tensor | None]:
         """Bottom-up max-sum message: (B, *in_shape) -> ((B, *out_shape), arg-max latent).
@@ -268,6 +269,7 @@ class Switch(Level):
     """Switching latent a per unit (ON = 1, OFF = negative_slope): max over a is (Leaky)ReLU."""
 
     has_latent = True
+    output_kind = "saved"  # ReLU's backward pass reads its output
 
     def __init__(self, spec: SwitchSpec | None = None) -> None:
         super().__init__()
@@ -495,7 +497,7 @@ class AvgPool(Level):
 class Flatten(Level):
     """Flatten (C, H, W) to (C*H*W,); rendering reshapes back."""
 
-    output_is_new = False  # a view of its input
+    output_kind = "view"
 
     def __init__(self, spec: FlattenSpec | None = None) -> None:
         super().__init__()

@@ -147,10 +147,23 @@ def test_max_sum_never_writes_into_the_images(config: drm.ModelConfig) -> None:
     torch.testing.assert_close(scores.detach(), to_cnn(model)(x), atol=IDENTITY_TOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["lenet", "leaky", "pool-before-switch"])
-def test_max_sum_backpropagates_like_the_cnn(name: str) -> None:
+SWITCH_AFTER_SWITCH = drm.ModelConfig(
+    (1, 6, 6),
+    3,
+    (drm.ConvSpec(2, 3), drm.SwitchSpec(), drm.SwitchSpec(0.1), drm.FlattenSpec(),
+     drm.SwitchSpec(), drm.DenseSpec(4), drm.SwitchSpec(0.2), drm.SwitchSpec()),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ARCHITECTURES["lenet"], ARCHITECTURES["leaky"], ARCHITECTURES["pool-before-switch"],
+     SWITCH_AFTER_SWITCH],
+    ids=["lenet", "leaky", "pool-before-switch", "switch-after-switch"],
+)  # fmt: skip
+def test_max_sum_backpropagates_like_the_cnn(config: drm.ModelConfig) -> None:
     """In-place switches in max_sum leave autograd intact: parameter gradients are the CNN's."""
-    model = build(ARCHITECTURES[name], seed=12)
+    model = build(config, seed=12)
     x = images(model, 4, seed=13)
     labels = torch.arange(4) % model.num_classes
     cnn = to_cnn(model)
