@@ -49,23 +49,15 @@ def _copy(tensor: Tensor, shape: Sequence[int], what: str) -> Tensor:
 
 def _torch_layer(level: Level) -> nn.Module:
     """The torch layer computing `level`'s bottom-up message."""
-    if isinstance(level, Classes):
-        # eq. (12): class templates are the rows of the final weight; the bias is log pi_c.
-        num_classes, features = level.weight.shape
-        linear = nn.Linear(
-            features, num_classes, dtype=level.weight.dtype, device=level.weight.device
-        )
-        linear.weight.data = _copy(level.weight, (num_classes, features), "class templates")
-        linear.bias.data = _copy(level.log_prior, (num_classes,), "class log prior")
-        return linear
     if isinstance(level, Dense):
-        # eq. (11): W^(l) and b^(l) are the Linear weight and bias.
+        # eq. (11): W^(l) and b^(l) are the Linear weight and bias; eq. (12): for the Classes
+        # level, the class templates mu_c are the rows and the bias is log pi_c (its offset).
         out_features, in_features = level.weight.shape
         linear = nn.Linear(
             in_features, out_features, dtype=level.weight.dtype, device=level.weight.device
         )
         linear.weight.data = _copy(level.weight, (out_features, in_features), "Dense weight")
-        linear.bias.data = _copy(level.bias, (out_features,), "Dense bias")
+        linear.bias.data = _copy(level.offset(), (out_features,), "Dense bias")
         return linear
     if isinstance(level, Conv):
         # eq. (10): the templates W^(l) are the filters, b^(l) the bias; same stride/padding.

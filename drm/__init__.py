@@ -6,6 +6,7 @@ Public entry points:
     render(model, classes, latents)             top-down rendering mu(c, z)
     log_joint(model, x, classes, latents)       log p(x, c, z) + log Z under the CNN prior
     sample(model, n, prior="factorized")        ancestral sampling of (x, c, z)
+    save_model(model, path), load_model(path)   safetensors checkpoints (atomic, never unpickled)
 
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Theory of Deep Learning, arXiv:1504.00641 (2015).
@@ -15,6 +16,7 @@ References:
     Ho, Nguyen, Patel et al., Neural Rendering Model, arXiv:1811.02657 (2018).
 """
 
+from drm.checkpoint import load_model, save_model
 from drm.config import (
     AvgPoolSpec,
     ConvSpec,
@@ -62,6 +64,7 @@ __all__ = [
     "exact_map",
     "frozen_scores",
     "lenet_config",
+    "load_model",
     "log_joint",
     "logit_offset",
     "max_sum",
@@ -69,5 +72,6 @@ __all__ = [
     "render",
     "rendering_terms",
     "sample",
+    "save_model",
     "top_down",
 ]

@@ -38,6 +38,15 @@ def _check_range(name: str, pair: Pair, low: int) -> None:
         raise ValueError(f"{name} must be >= {low}, got {pair}")
 
 
+def _check_window(kernel: Pair, stride: Pair, padding: Pair) -> None:
+    """A pooling window as torch accepts it: padding at most half the kernel."""
+    _check_range("kernel_size", kernel, 1)
+    _check_range("stride", stride, 1)
+    _check_range("padding", padding, 0)
+    if any(2 * p > k for p, k in zip(padding, kernel, strict=True)):
+        raise ValueError(f"padding {padding} must be at most half of kernel_size {kernel}")
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     """A convolutional rendering level: templates W (out, in/groups, kh, kw) and biases b (out,)."""
@@ -107,15 +116,8 @@ class MaxPoolSpec:
         object.__setattr__(self, "stride", as_pair(stride, "stride"))
         object.__setattr__(self, "padding", as_pair(self.padding, "padding"))
         object.__setattr__(self, "dilation", as_pair(self.dilation, "dilation"))
-        _check_range("kernel_size", self.kernel_size, 1)
-        _check_range("stride", self.stride_pair, 1)
-        _check_range("padding", self.padding, 0)
+        _check_window(self.kernel_size, self.stride_pair, self.padding)
         _check_range("dilation", self.dilation, 1)
-        for p, k in zip(self.padding, self.kernel_size, strict=True):
-            if 2 * p > k:
-                raise ValueError(
-                    f"padding {self.padding} must be at most half of kernel_size {self.kernel_size}"
-                )
 
     @property
     def stride_pair(self) -> Pair:
@@ -138,14 +140,7 @@ class AvgPoolSpec:
         stride = self.kernel_size if self.stride is None else self.stride
         object.__setattr__(self, "stride", as_pair(stride, "stride"))
         object.__setattr__(self, "padding", as_pair(self.padding, "padding"))
-        _check_range("kernel_size", self.kernel_size, 1)
-        _check_range("stride", self.stride_pair, 1)
-        _check_range("padding", self.padding, 0)
-        for p, k in zip(self.padding, self.kernel_size, strict=True):
-            if 2 * p > k:
-                raise ValueError(
-                    f"padding {self.padding} must be at most half of kernel_size {self.kernel_size}"
-                )
+        _check_window(self.kernel_size, self.stride_pair, self.padding)
         if self.divisor_override is not None and self.divisor_override < 1:
             raise ValueError(f"divisor_override must be >= 1, got {self.divisor_override}")
 

@@ -1,0 +1,95 @@
+"""Checkpoints round-trip exactly, are written atomically, and bad files give clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import drm
+from drm.checkpoint import load_model, read_metadata, save_model
+from tests.architectures import ARCHITECTURES, build, images
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_round_trip_is_exact(tmp_path: Path, name: str) -> None:
+    model = build(ARCHITECTURES[name], seed=81)
+    with torch.no_grad():
+        model.sigma2.fill_(0.3)
+    path = tmp_path / "model.safetensors"
+    save_model(model, path, metadata={"epoch": "3"})
+    loaded = load_model(path)
+    assert loaded.config == model.config and loaded.dtype == torch.float64
+    for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
+                              strict=True):  # fmt: skip
+        assert n == m and torch.equal(a, b), n
+    x = images(model, 2)
+    assert torch.equal(drm.max_sum(model, x)[0], drm.max_sum(loaded, x)[0])
+    assert read_metadata(path)["epoch"] == "3"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left
+
+
+def test_float32_models_stay_float32(tmp_path: Path) -> None:
+    model = drm.DeepRenderingModel.from_config(ARCHITECTURES["leaky"], seed=82)
+    save_model(model, tmp_path / "m.safetensors")
+    assert load_model(tmp_path / "m.safetensors").dtype == torch.float32
+
+
+def test_a_failed_write_leaves_the_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "model.safetensors"
+    old = build(ARCHITECTURES["leaky"], seed=83)
+    save_model(old, path)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("drm.checkpoint.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(build(ARCHITECTURES["leaky"], seed=84), path)
+    assert torch.equal(load_model(path).levels[0].weight, old.levels[0].weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_bad_files_are_clear_errors(tmp_path: Path) -> None:
+    model = build(ARCHITECTURES["dense-only"], seed=85)
+    good = tmp_path / "good.safetensors"
+    save_model(model, good)
+    data = good.read_bytes()
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(tmp_path / "absent.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted|not a readable"):
+        load_model(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_model(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ValueError, match="not a Deep Rendering Model checkpoint"):
+        load_model(foreign)
+    meta = read_metadata(good)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    wrong_shape = dict(state, **{"levels.1.weight": torch.zeros(3, 3, dtype=torch.float64)})
+    save_file(wrong_shape, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"levels.1.weight is \(3, 3\)"):
+        load_model(tmp_path / "shape.safetensors")
+    missing = {k: v for k, v in state.items() if k != "sigma2"}
+    save_file(missing, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="do not match its architecture"):
+        load_model(tmp_path / "missing.safetensors")
+    bad_config = dict(meta, drm_config=json.dumps({"levels": "nope"}))
+    save_file(state, str(tmp_path / "config.safetensors"), metadata=bad_config)
+    with pytest.raises(ValueError, match="malformed model config"):
+        load_model(tmp_path / "config.safetensors")
+    nan = dict(state, sigma2=torch.tensor(float("nan"), dtype=torch.float64))
+    save_file(nan, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="sigma2 contains NaN"):
+        load_model(tmp_path / "nan.safetensors")
