@@ -11,12 +11,14 @@ References:
 from cnn_equiv.cnn import CNNLatents, EquivalentCNN, record_latents
 from cnn_equiv.compare import ComparisonReport, compare_views
 from cnn_equiv.mapping import SUPPORTED_LAYERS, to_cnn, to_drm
+from cnn_equiv.sgd import SGDTrainer
 
 __all__ = [
     "SUPPORTED_LAYERS",
     "CNNLatents",
     "ComparisonReport",
     "EquivalentCNN",
+    "SGDTrainer",
     "compare_views",
     "record_latents",
     "to_cnn",

@@ -1,4 +1,4 @@
-"""Checkpoints: a model as one safetensors file, its architecture in the file's metadata.
+"""Checkpoints: a model (and a trainer's state) as one safetensors file, the rest in its metadata.
 
 `save_model` writes the tensors (templates, biases, class prior logits, sigma^2) with safetensors
 and the architecture (`ModelConfig.to_dict()`, JSON) in the header's metadata, to a temporary file
@@ -6,6 +6,11 @@ in the same folder that is then renamed over the target: a reader sees the old c
 new one, never a torn file, even if the writer is killed. `load_model` never unpickles anything:
 it parses the safetensors header, validates the config and every tensor's name, shape and dtype,
 and raises ValueError naming what is wrong.
+
+A training checkpoint (`save_checkpoint`) adds a trainer's state (optimizer moments, step counts:
+nested dicts and lists of tensors and numbers) to the same file: its tensors under the prefix
+"state/", its structure as JSON in the metadata. One file means one atomic rename, so the model
+and the optimizer state on disk always belong to the same epoch.
 
 References:
     safetensors format: https://huggingface.co/docs/safetensors
@@ -17,11 +22,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 from drm.config import ModelConfig
 from drm.model import DeepRenderingModel
@@ -30,6 +36,9 @@ FORMAT = "deep-rendering-model/1"
 _CONFIG_KEY = "drm_config"
 _FORMAT_KEY = "format"
 _DTYPE_KEY = "dtype"
+_STATE_KEY = "trainer_state"
+_STATE_PREFIX = "state/"
+_MODEL_PREFIX = "model/"
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -52,6 +61,23 @@ def atomic_write(path: Path, write: Any) -> None:
         os.close(directory)
 
 
+def _write(
+    path: Path, model: DeepRenderingModel, tensors: dict[str, Tensor], metadata: dict[str, str]
+) -> None:
+    header = dict(metadata)
+    header.update(
+        {
+            _FORMAT_KEY: FORMAT,
+            _CONFIG_KEY: json.dumps(model.config.to_dict()),
+            _DTYPE_KEY: str(model.dtype).removeprefix("torch."),
+        }
+    )
+    for name, t in model.state_dict().items():
+        tensors[_MODEL_PREFIX + name] = t
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
 def save_model(
     model: DeepRenderingModel, path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
@@ -62,16 +88,60 @@ def save_model(
     """
     if not isinstance(model, DeepRenderingModel):
         raise TypeError(f"save_model expects a DeepRenderingModel, got {type(model).__name__}")
+    _write(Path(path), model, {}, metadata or {})
+
+
+def _flatten(value: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """JSON skeleton of nested dicts/lists; tensors move to `tensors` under their path."""
+    if isinstance(value, Tensor):
+        tensors[prefix] = value
+        return {"__tensor__": prefix}
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError(f"state keys must be str or int, at {prefix!r}")
+        return {"__dict__": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        kind = "__tuple__" if isinstance(value, tuple) else "__list__"
+        return {kind: [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(value)]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} at {prefix!r} in a checkpoint")
+
+
+def _unflatten(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {k: _unflatten(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__list__" in skeleton:
+            return [_unflatten(v, tensors) for v in skeleton["__list__"]]
+        if "__tuple__" in skeleton:
+            return tuple(_unflatten(v, tensors) for v in skeleton["__tuple__"])
+        raise ValueError(f"unknown entry {sorted(skeleton)} in a checkpoint's state")
+    return skeleton
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: DeepRenderingModel,
+    trainer_state: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write the model and a trainer's state to one file, atomically.
+
+    Args:
+        trainer_state: nested dicts/lists of tensors, numbers, strings (e.g. an optimizer's
+            `state_dict()`).
+        metadata: extra string entries (e.g. the epoch), returned by `load_checkpoint`.
+    """
+    if not isinstance(model, DeepRenderingModel):
+        raise TypeError(f"save_checkpoint expects a DeepRenderingModel, got {type(model).__name__}")
+    tensors: dict[str, Tensor] = {}
+    skeleton = _flatten(trainer_state, _STATE_PREFIX.rstrip("/"), tensors)
     header = dict(metadata or {})
-    header.update(
-        {
-            _FORMAT_KEY: FORMAT,
-            _CONFIG_KEY: json.dumps(model.config.to_dict()),
-            _DTYPE_KEY: str(model.dtype).removeprefix("torch."),
-        }
-    )
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    header[_STATE_KEY] = json.dumps(skeleton)
+    _write(Path(path), model, tensors, header)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -89,9 +159,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return dict(metadata)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DeepRenderingModel:
-    """Read a model written by `save_model`, validating architecture and tensors."""
-    path = Path(path)
+def _read(path: Path) -> tuple[DeepRenderingModel, dict[str, Tensor], dict[str, str]]:
     metadata = read_metadata(path)
     try:
         config = ModelConfig.from_dict(json.loads(metadata[_CONFIG_KEY]))
@@ -104,15 +172,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DeepRend
     expected = model.state_dict()
     try:
         with safe_open(str(path), framework="pt") as handle:
-            names = set(handle.keys())
-            if names != set(expected):
-                raise ValueError(
-                    f"{path} holds tensors {sorted(names ^ set(expected))} that do not match "
-                    "its architecture"
-                )
-            state = {name: handle.get_tensor(name) for name in names}
+            stored = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except SafetensorError as err:
         raise ValueError(f"{path} is a corrupted checkpoint: {err}") from err
+    state = {k[len(_MODEL_PREFIX) :]: v for k, v in stored.items() if k.startswith(_MODEL_PREFIX)}
+    if set(state) != set(expected):
+        raise ValueError(
+            f"{path} holds tensors {sorted(set(state) ^ set(expected))} that do not match "
+            "its architecture"
+        )
     for name, tensor in state.items():
         want = expected[name]
         if tensor.shape != want.shape or tensor.dtype != want.dtype:
@@ -123,4 +191,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DeepRend
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{path}: tensor {name} contains NaN or inf")
     model.load_state_dict(state)
-    return model.to(device)
+    others = {k: v for k, v in stored.items() if not k.startswith(_MODEL_PREFIX)}
+    return model, others, metadata
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> DeepRenderingModel:
+    """Read the model of a file written by `save_model` or `save_checkpoint`, validated."""
+    return _read(Path(path))[0].to(device)
+
+
+class Checkpoint(NamedTuple):
+    """What `load_checkpoint` returns."""
+
+    model: DeepRenderingModel
+    trainer_state: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a file written by `save_checkpoint`: the model, the trainer's state, the metadata."""
+    path = Path(path)
+    model, tensors, metadata = _read(path)
+    if _STATE_KEY not in metadata:
+        raise ValueError(f"{path} holds a model but no trainer state (written by save_model)")
+    try:
+        state = _unflatten(json.loads(metadata[_STATE_KEY]), tensors)
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"{path} holds a malformed trainer state: {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a malformed trainer state")
+    extra = {k: v for k, v in metadata.items()
+             if k not in (_FORMAT_KEY, _CONFIG_KEY, _DTYPE_KEY, _STATE_KEY)}  # fmt: skip
+    return Checkpoint(model, state, extra)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import drm
-from drm.checkpoint import load_model, read_metadata, save_model
+from drm.checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint, save_model
 from tests.architectures import ARCHITECTURES, build, images
 
 
@@ -76,12 +76,12 @@ def test_bad_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a Deep Rendering Model checkpoint"):
         load_model(foreign)
     meta = read_metadata(good)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    wrong_shape = dict(state, **{"levels.1.weight": torch.zeros(3, 3, dtype=torch.float64)})
+    state = {f"model/{k}": v.contiguous() for k, v in model.state_dict().items()}
+    wrong_shape = dict(state, **{"model/levels.1.weight": torch.zeros(3, 3, dtype=torch.float64)})
     save_file(wrong_shape, str(tmp_path / "shape.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match=r"levels.1.weight is \(3, 3\)"):
         load_model(tmp_path / "shape.safetensors")
-    missing = {k: v for k, v in state.items() if k != "sigma2"}
+    missing = {k: v for k, v in state.items() if k != "model/sigma2"}
     save_file(missing, str(tmp_path / "missing.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="do not match its architecture"):
         load_model(tmp_path / "missing.safetensors")
@@ -89,7 +89,33 @@ def test_bad_files_are_clear_errors(tmp_path: Path) -> None:
     save_file(state, str(tmp_path / "config.safetensors"), metadata=bad_config)
     with pytest.raises(ValueError, match="malformed model config"):
         load_model(tmp_path / "config.safetensors")
-    nan = dict(state, sigma2=torch.tensor(float("nan"), dtype=torch.float64))
+    nan = dict(state, **{"model/sigma2": torch.tensor(float("nan"), dtype=torch.float64)})
     save_file(nan, str(tmp_path / "nan.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="sigma2 contains NaN"):
         load_model(tmp_path / "nan.safetensors")
+
+
+def test_training_checkpoint_round_trips_the_optimizer_state(tmp_path: Path) -> None:
+    model = build(ARCHITECTURES["leaky"], seed=86)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = images(model, 4)
+    torch.nn.functional.cross_entropy(drm.max_sum(model, x)[0], torch.arange(4) % 3).backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "note": [1, 2.5, None, "text", True]}
+    path = tmp_path / "run.safetensors"
+    save_checkpoint(path, model, state, metadata={"epoch": "7"})
+    loaded = load_checkpoint(path)
+    assert loaded.metadata == {"epoch": "7"}
+    assert loaded.trainer_state["note"] == [1, 2.5, None, "text", True]
+    fresh = torch.optim.Adam(loaded.model.parameters(), lr=1e-3)
+    fresh.load_state_dict(loaded.trainer_state["optimizer"])
+    for key, value in optimizer.state_dict()["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(fresh.state_dict()["state"][key][name], tensor), (key, name)
+    assert fresh.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert torch.equal(load_model(path).levels[0].weight, model.levels[0].weight)
+    save_model(model, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="no trainer state"):
+        load_checkpoint(tmp_path / "plain.safetensors")
+    with pytest.raises(TypeError, match="cannot store object"):
+        save_checkpoint(tmp_path / "bad.safetensors", model, {"x": object()})
