@@ -31,6 +31,11 @@ from torch import Tensor
 
 from drm.config import ModelConfig
 from drm.model import DeepRenderingModel
+from drm.shallow import ShallowRenderingModel
+
+# Either kind of rendering model can be checkpointed; the header says which.
+Model = DeepRenderingModel | ShallowRenderingModel
+_KIND_KEY = "model_kind"
 
 FORMAT = "deep-rendering-model/1"
 _CONFIG_KEY = "drm_config"
@@ -61,15 +66,36 @@ def atomic_write(path: Path, write: Any) -> None:
         os.close(directory)
 
 
-def _write(
-    path: Path, model: DeepRenderingModel, tensors: dict[str, Tensor], metadata: dict[str, str]
-) -> None:
+def _config_of(model: Model) -> tuple[str, dict[str, Any]]:
+    if isinstance(model, DeepRenderingModel):
+        return "deep", model.config.to_dict()
+    if isinstance(model, ShallowRenderingModel):
+        return "shallow", model.config_dict()
+    raise TypeError(
+        f"a checkpoint holds a DeepRenderingModel or a ShallowRenderingModel, got "
+        f"{type(model).__name__}"
+    )
+
+
+def _model_from(kind: str, config: dict[str, Any], dtype: torch.dtype) -> Model:
+    if kind == "deep":
+        return DeepRenderingModel.from_config(ModelConfig.from_dict(config), dtype=dtype)
+    if kind == "shallow":
+        return ShallowRenderingModel.from_config_dict(config, dtype=dtype)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def _write(path: Path, model: Model, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    kind, config = _config_of(model)
     header = dict(metadata)
     header.update(
         {
             _FORMAT_KEY: FORMAT,
-            _CONFIG_KEY: json.dumps(model.config.to_dict()),
-            _DTYPE_KEY: str(model.dtype).removeprefix("torch."),
+            _KIND_KEY: kind,
+            _CONFIG_KEY: json.dumps(config),
+            _DTYPE_KEY: str(
+                model.templates.dtype if kind == "shallow" else model.dtype
+            ).removeprefix("torch."),
         }
     )
     for name, t in model.state_dict().items():
@@ -78,16 +104,12 @@ def _write(
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
-def save_model(
-    model: DeepRenderingModel, path: str | Path, metadata: dict[str, str] | None = None
-) -> None:
+def save_model(model: Model, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write `model` to `path` (a .safetensors file) atomically.
 
     Args:
         metadata: extra string entries for the header (e.g. the training epoch).
     """
-    if not isinstance(model, DeepRenderingModel):
-        raise TypeError(f"save_model expects a DeepRenderingModel, got {type(model).__name__}")
     _write(Path(path), model, {}, metadata or {})
 
 
@@ -124,7 +146,7 @@ def _unflatten(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
 
 def save_checkpoint(
     path: str | Path,
-    model: DeepRenderingModel,
+    model: Model,
     trainer_state: dict[str, Any],
     metadata: dict[str, str] | None = None,
 ) -> None:
@@ -135,8 +157,6 @@ def save_checkpoint(
             `state_dict()`).
         metadata: extra string entries (e.g. the epoch), returned by `load_checkpoint`.
     """
-    if not isinstance(model, DeepRenderingModel):
-        raise TypeError(f"save_checkpoint expects a DeepRenderingModel, got {type(model).__name__}")
     tensors: dict[str, Tensor] = {}
     skeleton = _flatten(trainer_state, _STATE_PREFIX.rstrip("/"), tensors)
     header = dict(metadata or {})
@@ -159,16 +179,18 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return dict(metadata)
 
 
-def _read(path: Path) -> tuple[DeepRenderingModel, dict[str, Tensor], dict[str, str]]:
+def _read(path: Path) -> tuple[Model, dict[str, Tensor], dict[str, str]]:
     metadata = read_metadata(path)
     try:
-        config = ModelConfig.from_dict(json.loads(metadata[_CONFIG_KEY]))
         dtype = getattr(torch, metadata[_DTYPE_KEY])
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype {metadata[_DTYPE_KEY]!r} is not a float dtype")
+        config = json.loads(metadata[_CONFIG_KEY])
+        if not isinstance(config, dict):
+            raise ValueError("the config is not a JSON object")
+        model = _model_from(metadata.get(_KIND_KEY, "deep"), config, dtype)
     except (KeyError, json.JSONDecodeError, ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{path} holds a malformed model config: {err}") from err
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"{path} declares dtype {metadata[_DTYPE_KEY]!r}, not a float dtype")
-    model = DeepRenderingModel.from_config(config, dtype=dtype)
     expected = model.state_dict()
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -195,7 +217,7 @@ def _read(path: Path) -> tuple[DeepRenderingModel, dict[str, Tensor], dict[str, 
     return model, others, metadata
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DeepRenderingModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
     """Read the model of a file written by `save_model` or `save_checkpoint`, validated."""
     return _read(Path(path))[0].to(device)
 
@@ -203,7 +225,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DeepRend
 class Checkpoint(NamedTuple):
     """What `load_checkpoint` returns."""
 
-    model: DeepRenderingModel
+    model: Model
     trainer_state: dict[str, Any]
     metadata: dict[str, str]
 
@@ -221,5 +243,5 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a malformed trainer state")
     extra = {k: v for k, v in metadata.items()
-             if k not in (_FORMAT_KEY, _CONFIG_KEY, _DTYPE_KEY, _STATE_KEY)}  # fmt: skip
+             if k not in (_FORMAT_KEY, _KIND_KEY, _CONFIG_KEY, _DTYPE_KEY, _STATE_KEY)}  # fmt: skip
     return Checkpoint(model, state, extra)

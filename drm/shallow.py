@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -262,6 +262,31 @@ class ShallowRenderingModel(nn.Module):
         self.image_shape: tuple[int, int, int] = (c0, H, W)
         self.translation: str = translation
         self.switch_prior_on: float | None = switch_prior_on
+
+    def config_dict(self) -> dict[str, Any]:
+        """The architecture (no tensors), JSON-serialisable; `from_config_dict` inverts it."""
+        return {
+            "template_shape": [self.num_classes, *self.template_shape],
+            "image_shape": list(self.image_shape),
+            "translation": self.translation,
+            "switch_prior_on": self.switch_prior_on,
+        }
+
+    @classmethod
+    def from_config_dict(
+        cls, config: dict[str, Any], dtype: torch.dtype = torch.float32
+    ) -> ShallowRenderingModel:
+        """A model with zero templates and a uniform prior, shaped by `config_dict()` output."""
+        try:
+            shape = [int(s) for s in config["template_shape"]]
+            return cls(
+                torch.zeros(shape, dtype=dtype),
+                tuple(int(s) for s in config["image_shape"]),
+                translation=str(config["translation"]),
+                switch_prior_on=config["switch_prior_on"],
+            )
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"malformed shallow model config: {err}") from err
 
     # ------------------------------------------------------------------------------------------
     # Sizes and derived parameters

@@ -119,3 +119,21 @@ def test_training_checkpoint_round_trips_the_optimizer_state(tmp_path: Path) -> 
         load_checkpoint(tmp_path / "plain.safetensors")
     with pytest.raises(TypeError, match="cannot store object"):
         save_checkpoint(tmp_path / "bad.safetensors", model, {"x": object()})
+
+
+def test_shallow_models_round_trip(tmp_path: Path) -> None:
+    from drm.shallow import ShallowRenderingModel
+
+    generator = torch.Generator().manual_seed(87)
+    model = ShallowRenderingModel(
+        torch.randn(3, 1, 3, 3, generator=generator, dtype=torch.float64), (1, 6, 5),
+        translation="interior", prior_logits=torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64),
+        sigma2=0.4, switch_prior_on=0.7,
+    )  # fmt: skip
+    save_model(model, tmp_path / "shallow.safetensors")
+    loaded = load_model(tmp_path / "shallow.safetensors")
+    assert isinstance(loaded, ShallowRenderingModel)
+    assert loaded.config_dict() == model.config_dict()
+    for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
+                              strict=True):  # fmt: skip
+        assert n == m and torch.equal(a, b), n
