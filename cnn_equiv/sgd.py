@@ -1,6 +1,6 @@
 """SGD/Adam training of the equivalent CNN: the neural-net baseline of the learning algorithms.
 
-`SGDTrainer` follows the loop shape of `drm.em.Trainer` (`step`, `end_epoch`, `drm_model`), so a
+`SGDTrainer` follows the loop shape of `drm.em.Trainer` (`step`, `end_epoch`, `current_model`), so a
 script switches between SGD and the EM algorithms only where the trainer is built.
 
 References:
@@ -49,7 +49,7 @@ class SGDTrainer:
     def end_epoch(self) -> dict[str, float]:
         return {}
 
-    def drm_model(self) -> DeepRenderingModel:
+    def current_model(self) -> DeepRenderingModel:
         return to_drm(self.cnn, sigma2=self.sigma2)
 
     def state_dict(self) -> dict[str, Any]:

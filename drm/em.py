@@ -6,7 +6,7 @@ Every trainer is driven the same way, like a torch optimizer:
         for x, y in batches:
             loss = trainer.step(x, y)    # one update (batch EM: one E-step's statistics)
         summary = trainer.end_epoch()    # batch EM's M-step; a no-op for gradient methods
-    model = trainer.drm_model()          # the current parameters in the DRM view
+    model = trainer.current_model()      # the current parameters (DRM or shallow)
 
 Algorithms (DESIGN section 5):
 * `cnn_equiv.SGDTrainer` (in the neural-net package): trains the equivalent torch CNN with SGD or
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from drm.inference import frozen_scores, max_sum
 from drm.model import DeepRenderingModel, check_classes, check_images
+from drm.shallow import ShallowRenderingModel
 
 OptimizerName = Literal["adam", "sgd"]
 
@@ -54,8 +55,8 @@ class Trainer(Protocol):
         """Finish an epoch (batch EM's M-step); returns what it measured."""
         ...
 
-    def drm_model(self) -> DeepRenderingModel:
-        """The current parameters as a DeepRenderingModel."""
+    def current_model(self) -> DeepRenderingModel | ShallowRenderingModel:
+        """The current parameters, as a rendering model (deep or shallow)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -126,7 +127,7 @@ class DiscriminativeEM:
     def end_epoch(self) -> dict[str, float]:
         return {}
 
-    def drm_model(self) -> DeepRenderingModel:
+    def current_model(self) -> DeepRenderingModel:
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
