@@ -31,6 +31,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import torch
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from drm.inference import frozen_scores, max_sum
-from drm.model import DeepRenderingModel, check_classes, check_images
+from drm.levels import Conv, Dense, Switch
+from drm.model import DeepRenderingModel, Latents, check_classes, check_images, propagate_down
 from drm.shallow import ShallowRenderingModel
 
 OptimizerName = Literal["adam", "sgd"]
@@ -135,6 +137,182 @@ class DiscriminativeEM:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor, iterations: int, tol: float = 1e-12
+) -> Tensor:
+    """Solve A x = b for a symmetric positive semi-definite A given as `matvec`, from x0.
+
+    Each iteration minimises the quadratic 0.5 x'Ax - b'x over a growing Krylov space, so the
+    objective never increases; stops early when the residual's norm falls below tol * |b|.
+    """
+    x = x0.clone()
+    r = b - matvec(x)
+    p = r.clone()
+    rs = (r * r).sum()
+    threshold = (tol * b.norm()) ** 2
+    for _ in range(iterations):
+        if rs <= threshold:
+            break
+        ap = matvec(p)
+        curvature = (p * ap).sum()
+        if curvature <= 0:  # a direction of zero curvature: the quadratic is flat along it
+            break
+        alpha = rs / curvature
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_next = (r * r).sum()
+        p = r + (rs_next / rs) * p
+        rs = rs_next
+    return x
+
+
+class GenerativeEM:
+    """Hard EM on the rendering model with the factorized prior, one level's templates at a time.
+
+    E-step (per batch): the bottom-up max-sum latents z*, the class fixed to the label.
+    M-step for the templates W of one level (per batch): with z* and every other level fixed the
+    rendered image is linear in W, mu_n = sigma^2 L_n(W), so minimising the reconstruction error
+    sum_n ||x_n - mu_n||^2 is a linear least-squares problem with normal equations
+
+        (sum_n L_n^T L_n) W = sum_n L_n^T x_n / sigma^2,
+
+    solved by `cg_iterations` conjugate-gradient steps warm-started at the current W (a
+    generalized-EM step: the batch's reconstruction error never increases), then W moves a
+    fraction `step_size` of the way to the solution (stochastic EM over batches). Levels are
+    visited coarse to fine, `levels_per_step` of them per batch, cycling.
+    M-step at the end of each epoch: log pi_c and every switch level's prior_on from the latent
+    frequencies of the epoch (the factorized prior), and an estimate of sigma^2 from the residuals
+    (reported; sigma^2 itself is kept, because it also scales the first level's rendering).
+    The biases (the CNN prior's switch parameters) are not part of the factorized prior and stay.
+
+    Args:
+        model: the DRM, trained in place.
+        cg_iterations: conjugate-gradient steps per level and batch.
+        step_size: in (0, 1]; 1 takes the batch's least-squares solution.
+        levels_per_step: template levels updated per batch (None: all of them).
+    """
+
+    def __init__(
+        self,
+        model: DeepRenderingModel,
+        cg_iterations: int = 3,
+        step_size: float = 0.5,
+        levels_per_step: int | None = None,
+    ) -> None:
+        if cg_iterations < 1:
+            raise ValueError(f"cg_iterations must be >= 1, got {cg_iterations}")
+        if not 0 < step_size <= 1:
+            raise ValueError(f"step_size must lie in (0, 1], got {step_size}")
+        self.model = model
+        self.cg_iterations = cg_iterations
+        self.step_size = step_size
+        # template levels, coarse to fine
+        self.template_levels = [
+            i
+            for i in reversed(range(len(model.levels)))
+            if isinstance(model.levels[i], (Dense, Conv))
+        ]
+        count = len(self.template_levels)
+        if levels_per_step is not None and not 1 <= levels_per_step <= count:
+            raise ValueError(f"levels_per_step must lie in [1, {count}], got {levels_per_step}")
+        self.levels_per_step = levels_per_step or count
+        self._cursor = 0
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self._class_counts = torch.zeros(self.model.num_classes, dtype=torch.float64)
+        self._on_counts = {i: 0.0 for i in self.model.latent_levels
+                           if isinstance(self.model.levels[i], Switch)}  # fmt: skip
+        self._unit_counts = dict.fromkeys(self._on_counts, 0.0)
+        self._squared_residual = 0.0
+        self._pixels = 0
+
+    def level_objective(self, x: Tensor, y: Tensor, latents: Latents) -> Tensor:
+        """sum_n ||x_n - mu(y_n, z_n)||^2 for the batch: the quantity each M-step lowers."""
+        with torch.no_grad():
+            mu = self.model.sigma2 * propagate_down(self.model, y, latents)[0]
+            return ((x - mu) ** 2).sum()
+
+    def solve_level(self, index: int, x: Tensor, y: Tensor, latents: Latents) -> Tensor:
+        """The conjugate-gradient least-squares templates of level `index` for this batch."""
+        model = self.model
+        level = model.levels[index]
+        assert isinstance(level, (Conv, Dense))
+        with torch.no_grad():
+            signals = propagate_down(model, y, latents)
+        arriving = signals[index + 1]  # the top-down signal at the level's output, fixed
+
+        def render(weight: Tensor) -> Tensor:
+            """h^(0) with the level's templates replaced: linear in `weight`."""
+            h = level.render_with_templates(arriving, weight)
+            for j in reversed(range(index)):
+                h = model.levels[j].top_down(h, latents[j])
+            return h
+
+        def gram(weight: Tensor) -> Tensor:  # (sum_n L_n^T L_n) weight
+            with torch.enable_grad():
+                w = weight.detach().requires_grad_()
+                (grad,) = torch.autograd.grad(0.5 * (render(w) ** 2).sum(), w)
+            return grad
+
+        with torch.enable_grad():
+            w = level.weight.detach().clone().requires_grad_()
+            (rhs,) = torch.autograd.grad((render(w) * x).sum() / model.sigma2, w)
+        return conjugate_gradient(gram, rhs, level.weight.detach(), self.cg_iterations)
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        check_batch(self.model, x, y)
+        model = self.model
+        with torch.no_grad():
+            latents = max_sum(model, x)[1]
+            for _ in range(self.levels_per_step):
+                index = self.template_levels[self._cursor % len(self.template_levels)]
+                self._cursor += 1
+                solution = self.solve_level(index, x, y, latents)
+                level = model.levels[index]
+                assert isinstance(level, (Conv, Dense))
+                level.weight.add_(self.step_size * (solution - level.weight))
+            residual = float(self.level_objective(x, y, latents))
+            self._squared_residual += residual
+            self._pixels += x.numel()
+            self._class_counts += torch.bincount(y.cpu(), minlength=model.num_classes)
+            for i in self._on_counts:
+                on = latents[i]
+                assert on is not None
+                self._on_counts[i] += float(on.sum())
+                self._unit_counts[i] += on.numel()
+        return residual / x.numel()
+
+    def end_epoch(self) -> dict[str, float]:
+        model = self.model
+        summary: dict[str, float] = {}
+        if self._pixels:
+            with torch.no_grad():
+                frequencies = (self._class_counts + 1.0) / (
+                    self._class_counts.sum() + len(self._class_counts)
+                )  # add-one smoothing: no class gets probability 0
+                model.classes.bias.copy_(frequencies.log().to(model.dtype))
+            for i, on in self._on_counts.items():
+                level = model.levels[i]
+                assert isinstance(level, Switch)
+                prior_on = min(max(on / self._unit_counts[i], 1e-6), 1 - 1e-6)
+                level.set_prior_on(prior_on)
+                summary[f"prior_on_level{i}"] = prior_on
+            summary["reconstruction_mse"] = self._squared_residual / self._pixels
+            summary["sigma2_estimate"] = self._squared_residual / self._pixels
+        self._reset_counts()
+        return summary
+
+    def current_model(self) -> DeepRenderingModel:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self._cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._cursor = int(state["cursor"])
 
 
 def accuracy(

@@ -29,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Literal, cast
@@ -185,9 +186,13 @@ class Conv(Level):
         return F.conv2d(y, self.weight, self.bias, s.stride, s.padding, s.dilation, s.groups)
 
     def top_down(self, g: Tensor, latent: Tensor | None, rule: SwitchRule = "drm") -> Tensor:
+        return self.render_with_templates(g, self.weight)
+
+    def render_with_templates(self, g: Tensor, weight: Tensor) -> Tensor:
+        """The rendering with templates `weight` in place of W: linear in both g and weight."""
         s = self._spec
         return F.conv_transpose2d(
-            g, self.weight, None, s.stride, s.padding, self.output_padding, s.groups, s.dilation
+            g, weight, None, s.stride, s.padding, self.output_padding, s.groups, s.dilation
         )
 
     def prior_term(self, g: Tensor) -> Tensor:
@@ -235,7 +240,11 @@ class Dense(Level):
         return F.linear(y, self.weight, self.offset())
 
     def top_down(self, g: Tensor, latent: Tensor | None, rule: SwitchRule = "drm") -> Tensor:
-        return g @ self.weight
+        return self.render_with_templates(g, self.weight)
+
+    def render_with_templates(self, g: Tensor, weight: Tensor) -> Tensor:
+        """The rendering with templates `weight` in place of W: linear in both g and weight."""
+        return g @ weight
 
     def prior_term(self, g: Tensor) -> Tensor:
         return g @ self.offset()
@@ -278,6 +287,10 @@ class Switch(Level):
     @property
     def spec(self) -> SwitchSpec:
         return self._spec
+
+    def set_prior_on(self, prior_on: float) -> None:
+        """Replace P(a = ON) of the factorized prior (learned by generative EM)."""
+        self._spec = dataclasses.replace(self._spec, prior_on=float(prior_on))
 
     def _output_shape(self, in_shape: Shape) -> Shape:
         return in_shape

@@ -284,6 +284,13 @@ def top_down(
         raise ValueError(f"rule must be one of {SWITCH_RULES}, got {rule!r}")
     classes = check_classes(model, classes)
     latents = check_latents(model, latents, classes.shape[0])
+    return propagate_down(model, classes, latents, rule)
+
+
+def propagate_down(
+    model: DeepRenderingModel, classes: Tensor, latents: Latents, rule: SwitchRule = "drm"
+) -> list[Tensor]:
+    """`top_down` without its input checks, for inner loops whose inputs are already valid."""
     g = torch.nn.functional.one_hot(classes, model.num_classes).to(model.dtype)
     signals = [g]
     for level, latent in zip(reversed(model.levels), reversed(latents), strict=True):

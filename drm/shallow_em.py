@@ -1,0 +1,731 @@
+"""Exact EM for the shallow rendering model (DESIGN section 5 "Full EM, shallow model", E10).
+
+This module holds:
+
+* `ShallowEM`: batch EM on a `drm.shallow.ShallowRenderingModel`, driven by the library's
+  `drm.em.Trainer` loop shape (`step(x, y)` per batch = one E-step's sufficient statistics,
+  `end_epoch()` = the closed-form M-step). Soft EM (exact posterior responsibilities) or hard EM
+  (one-hot at the joint MAP: the k-means / classification-EM limit); unsupervised, supervised
+  (a label fixes the class) or semi-supervised (label -1 = unknown).
+* `kmeans`: batched Lloyd iterations from a k-means++ start (the usual initialiser).
+* `init_from_kmeans` / `init_from_class_means`: a `ShallowRenderingModel` started from k-means
+  centres (unsupervised) or from the per-class means (supervised).
+
+The model (see `drm.shallow`): x = a T_g mu_c + eps, eps ~ N(0, sigma^2 I), c ~ pi,
+g ~ uniform over G placements, a ~ Bernoulli(pi_on) (a = 1 always without a switch). Every T_g is
+an isometry of the template space into the image (a circular shift, an interior placement, or the
+identity), so T_g^T T_g = I.
+
+E-step (exact, log-sum-exp, float64): for image n,
+
+    r_n(c, g, a) = p(c, g, a | x_n)                 (unlabelled),
+    r_n(c, g, a) = p(c, g, a | x_n, c = y_n)        (labelled: zero for every c != y_n),
+
+and in hard EM r_n is one-hot at argmax_{c, g, a} log p(x_n, c, g, a) (same restriction).
+With rho_n(c, g) = r_n(c, g, a = 1) (the mass that actually renders a template), the statistics,
+summed over the epoch with no Python loop over images or pixels, are
+
+    N      = number of images,               X2   = sum_n ||x_n||^2,
+    M_c    = sum_n sum_{g,a} r_n(c, g, a),   A_on = sum_n sum_{c,g} rho_n(c, g),
+    W_c    = sum_n sum_g rho_n(c, g),        S_c  = sum_n sum_g rho_n(c, g) T_g^T x_n.
+
+S_c "undoes the translation": T_g^T x_n is x_n cropped at (or rolled back by) placement g, and the
+sum over g is one cross-correlation of x with the responsibility map rho (an `F.conv2d` whose
+input channels are the batch; circular padding for circular shifts; an einsum for "none").
+
+M-step (closed form; each is the exact maximiser of the expected complete-data log-likelihood
+Q(theta) = sum_n sum_{c,g,a} r_n(c,g,a) log p(x_n, c, g, a; theta), under the guards below):
+
+    mu_c    = S_c / W_c                                 (weighted least squares, T_g^T T_g = I),
+    pi      = argmax_{pi >= floor, sum pi = 1} sum_c M_c log pi_c   (= M_c / N when no floor binds),
+    pi_on   = clip(A_on / N, floor, 1 - floor),
+    sigma^2 = max(R / (N D), min_variance),
+    R       = X2 - 2 sum_c <mu_c, S_c> + sum_c W_c ||mu_c||^2   (expected squared residual),
+
+with D = C0 * H * W and `prior_logits` set to log pi.
+
+Guards (no NaN, ever): a component with W_c <= `empty_weight` (it explains essentially no image
+with its template on) keeps its previous template; we do NOT re-seed it from a badly explained
+image, because keeping it leaves its term of Q unchanged, so the update is still a generalised
+EM step and the likelihood stays monotone. The class prior and pi_on are the exact maximisers on
+the floored set (water-filling), and sigma^2 is floored at `min_variance` against variance
+collapse; both are constrained maximisers of Q, so monotonicity holds whenever the starting
+parameters already satisfy the floors.
+
+References:
+    Patel, Nguyen, Baraniuk, A Probabilistic Theory of Deep Learning, arXiv:1504.00641 (2015).
+    Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
+    Dempster, Laird, Rubin, Maximum Likelihood from Incomplete Data via the EM Algorithm,
+    Journal of the Royal Statistical Society B 39(1), 1977.
+    Arthur, Vassilvitskii, k-means++: The Advantages of Careful Seeding, SODA 2007.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from drm.shallow import ShallowRenderingModel
+
+__all__ = [
+    "ShallowEM",
+    "init_from_class_means",
+    "init_from_kmeans",
+    "kmeans",
+]
+
+_STAT = torch.float64  # every sufficient statistic is accumulated in float64
+_STATE_KEYS = frozenset(
+    {"hard", "supervised", "min_variance", "prior_floor", "empty_weight", "epochs", "stats"}
+)
+_STAT_KEYS = ("images", "sum_sq", "counts", "on_weight", "weights", "sums", "log_lik", "map_lik")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_positive(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    out = float(value)
+    if not (math.isfinite(out) and out > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {out}")
+    return out
+
+
+def _check_count(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_points(x: object, name: str = "x") -> Tensor:
+    """A finite floating (N, C0, H, W) tensor with N >= 1."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape (N, C0, H, W), got {tuple(x.shape)}")
+    if x.shape[0] < 1 or x[0].numel() == 0:
+        raise ValueError(f"{name} must hold at least one non-empty image, got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The M-step's constrained maximisers
+# ----------------------------------------------------------------------------------------------
+
+
+def floored_prior(counts: Tensor, floor: float) -> Tensor:
+    """argmax_{p >= floor, sum p = 1} sum_c counts_c log p_c, by water-filling.
+
+    KKT: p_c = max(floor, counts_c / lam), with lam set so that p sums to 1. The floored set only
+    grows from one pass to the next, so at most C passes (a loop over classes, not images).
+
+    Args:
+        counts: (C,) non-negative expected counts (float64), not all zero.
+        floor: in (0, 1 / C).
+
+    Returns:
+        (C,) probabilities, each >= floor.
+    """
+    floored = torch.zeros_like(counts, dtype=torch.bool)
+    prior = counts / counts.sum()
+    for _ in range(counts.numel()):
+        free_mass = 1.0 - floor * float(floored.sum())
+        free_counts = counts.masked_fill(floored, 0.0).sum()
+        prior = torch.where(floored, counts.new_tensor(floor), counts * free_mass / free_counts)
+        newly = (prior < floor) & ~floored
+        if not bool(newly.any()):
+            break
+        floored |= newly
+    return prior.clamp(min=floor)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+
+
+class ShallowEM:
+    """Exact batch EM on a `ShallowRenderingModel`, with the `drm.em.Trainer` loop shape.
+
+        trainer = ShallowEM(model, supervised=False)
+        for epoch in range(epochs):
+            for x, y in batches:              # the whole data set, in any batch size
+                nll = trainer.step(x, y)      # E-step statistics, parameters unchanged
+            summary = trainer.end_epoch()     # M-step; summary["log_likelihood"] is before it
+
+    The parameters change only in `end_epoch`, so the result does not depend on the batching.
+    The model is trained in place; its dtype may be float32 or float64 (the statistics are
+    float64 either way).
+
+    Args:
+        model: the shallow rendering model, updated in place.
+        hard: hard EM (responsibilities one-hot at the joint MAP: the k-means limit) instead of
+            soft EM.
+        supervised: a label y[n] >= 0 fixes the class of image n (y[n] = -1: unknown, so mixed
+            batches are semi-supervised); with False every label is ignored (unsupervised).
+        min_variance: floor of sigma^2 (guards against variance collapse), > 0.
+        prior_floor: floor of every class prior pi_c and of pi_on and 1 - pi_on, in
+            (0, 1 / max(C, 2)).
+        empty_weight: a component whose template carries at most this expected number of images
+            (W_c, see the module docstring) in an epoch is empty and keeps its template, >= 0.
+
+    Raises:
+        TypeError, ValueError: invalid arguments.
+    """
+
+    def __init__(
+        self,
+        model: ShallowRenderingModel,
+        hard: bool = False,
+        supervised: bool = True,
+        min_variance: float = 1e-6,
+        prior_floor: float = 1e-8,
+        empty_weight: float = 1e-8,
+    ) -> None:
+        if not isinstance(model, ShallowRenderingModel):
+            raise TypeError(f"model must be a ShallowRenderingModel, got {type(model).__name__}")
+        self.model = model
+        self.hard = _check_flag(hard, "hard")
+        self.supervised = _check_flag(supervised, "supervised")
+        self.min_variance = _check_positive(min_variance, "min_variance")
+        self.prior_floor = _check_positive(prior_floor, "prior_floor")
+        limit = 1.0 / max(model.num_classes, 2)
+        if not self.prior_floor < limit:
+            raise ValueError(
+                f"prior_floor must be < 1 / max(C, 2) = {limit:.4g} so the floored priors can "
+                f"sum to 1, got {self.prior_floor}"
+            )
+        if isinstance(empty_weight, bool) or not isinstance(empty_weight, numbers.Real):
+            raise TypeError(
+                f"empty_weight must be a real number, got {type(empty_weight).__name__}"
+            )
+        if not (math.isfinite(float(empty_weight)) and float(empty_weight) >= 0):
+            raise ValueError(f"empty_weight must be finite and >= 0, got {empty_weight}")
+        self.empty_weight: float = float(empty_weight)
+        self.epochs: int = 0  # completed M-steps
+        self._reset()
+
+    # ------------------------------------------------------------------------------------------
+    # Accumulators
+    # ------------------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        m = self.model
+        device = m.templates.device
+        zero = torch.zeros((), dtype=_STAT, device=device)
+        self._stats: dict[str, Tensor] = {
+            "images": zero.clone(),  # N
+            "sum_sq": zero.clone(),  # X2 = sum_n ||x_n||^2
+            "counts": torch.zeros(m.num_classes, dtype=_STAT, device=device),  # M_c
+            "on_weight": zero.clone(),  # A_on
+            "weights": torch.zeros(m.num_classes, dtype=_STAT, device=device),  # W_c
+            "sums": torch.zeros(m.templates.shape, dtype=_STAT, device=device),  # S_c
+            "log_lik": zero.clone(),  # sum_n log p(x_n [, y_n])
+            "map_lik": zero.clone(),  # sum_n max_{c,g,a} log p(x_n, c, g, a) (restricted)
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # E-step
+    # ------------------------------------------------------------------------------------------
+
+    def _check_labels(self, y: object, batch: int) -> Tensor | None:
+        """Validate y (B,) long; returns the labels to use (None: all unlabelled)."""
+        if y is None:
+            return None
+        device = self.model.templates.device
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be a torch.Tensor or None, got {type(y).__name__}")
+        if y.dtype != torch.long:
+            raise TypeError(f"y must have dtype torch.int64 (long), got {y.dtype}")
+        if y.device != device:
+            raise ValueError(f"y is on device {y.device}, expected the model's device {device}")
+        if tuple(y.shape) != (batch,):
+            raise ValueError(f"y must have shape (B,) = ({batch},), got {tuple(y.shape)}")
+        if not self.supervised:
+            return None
+        num_classes = self.model.num_classes
+        if y.numel() > 0 and (int(y.min()) < -1 or int(y.max()) >= num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) or be -1 (unlabelled), got values in "
+                f"[{int(y.min())}, {int(y.max())}]"
+            )
+        return y
+
+    def log_joint_table(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """log p(x_n, c, g, a) in float64 for every (c, g, a), -inf where a label forbids c.
+
+        Args:
+            x: (B, C0, H, W) in the model's dtype.
+            y: (B,) long labels in [-1, C) (-1: unlabelled), or None; ignored unless
+                `supervised`.
+
+        Returns:
+            (B, C, G, A) float64; A = 2 with a switch (index 1 is a = 1), else 1.
+        """
+        m = self.model
+        with torch.no_grad():
+            scores = m.joint_scores(x)  # validates x; (B, C, G, A) = log p(x, c, g, a) + K(x)
+            labels = self._check_labels(y, x.shape[0])
+            x64 = x.detach().to(_STAT)
+            sigma2 = m.sigma2.detach().to(_STAT)
+            k_x = x64.pow(2).flatten(1).sum(1) / (2 * sigma2) + 0.5 * m.num_pixels * torch.log(
+                2 * math.pi * sigma2
+            )  # (B,)
+            table = scores.detach().to(_STAT) - k_x[:, None, None, None]
+            if labels is not None:
+                classes = torch.arange(m.num_classes, device=x.device)
+                forbidden = (labels[:, None] >= 0) & (classes[None, :] != labels[:, None])  # (B, C)
+                table = table.masked_fill(forbidden[:, :, None, None], -math.inf)
+        return table
+
+    def _responsibilities(self, table: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(responsibilities (B, C, G, A), log p per image (B,), MAP log-joint per image (B,))."""
+        flat = table.flatten(1)  # (B, C * G * A)
+        log_lik = flat.logsumexp(dim=1)  # (B,)
+        map_lik, best = flat.max(dim=1)  # (B,), (B,)
+        if self.hard:
+            resp = torch.zeros_like(flat).scatter_(1, best[:, None], 1.0)
+        else:
+            resp = torch.exp(flat - log_lik[:, None])
+        return resp.view_as(table), log_lik, map_lik
+
+    def responsibilities(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """The E-step's responsibilities r_n(c, g, a), float64.
+
+        Soft EM: the exact posterior (restricted to c = y[n] for labelled images when
+        `supervised`); hard EM: one-hot at the (restricted) joint MAP.
+
+        Args:
+            x: (B, C0, H, W).
+            y: (B,) long labels in [-1, C), or None.
+
+        Returns:
+            (B, C, G, A) float64, each image's entries summing to 1.
+        """
+        return self._responsibilities(self.log_joint_table(x, y))[0]
+
+    def _template_sums(self, x64: Tensor, rho: Tensor) -> Tensor:
+        """S_c = sum_n sum_g rho_n(c, g) T_g^T x_n: a cross-correlation of x with rho.
+
+        Args:
+            x64: (B, C0, H, W) float64.
+            rho: (B, C, G) float64, the a = 1 responsibilities.
+
+        Returns:
+            (C, C0, h, w) float64.
+        """
+        m = self.model
+        hg, wg = m.translation_grid
+        if m.translation == "none":
+            return torch.einsum("nc,nkhw->ckhw", rho[:, :, 0], x64)
+        if m.translation == "circular":
+            # T_g^T x (p, q) = x((p + i) mod H, (q + j) mod W): pad circularly, then correlate
+            x64 = F.pad(x64, (0, wg - 1, 0, hg - 1), mode="circular")  # (B, C0, 2H-1, 2W-1)
+        # the batch becomes the conv's input channels, so the conv sums over images:
+        # out[k, c, p, q] = sum_n sum_{i,j} x[n, k, p + i, q + j] rho[n, c, i, j]
+        kernel = rho.view(rho.shape[0], rho.shape[1], hg, wg).transpose(0, 1)  # (C, B, Hg, Wg)
+        return F.conv2d(x64.transpose(0, 1), kernel).transpose(0, 1)  # (C, C0, h, w)
+
+    def step(self, x: Tensor, y: Tensor | None = None) -> float:
+        """The E-step on one batch: accumulate the M-step's statistics (parameters unchanged).
+
+        Args:
+            x: (B, C0, H, W) images in the model's dtype and device.
+            y: (B,) long labels in [-1, C) (-1: unlabelled), or None (all unlabelled). With
+                `supervised=False` they are ignored (only their shape is checked).
+
+        Returns:
+            The batch's mean negative log-likelihood per image in nats: -log p(x) for unlabelled
+            images, -log p(x, y) for labelled ones (the objective that EM increases), under the
+            current parameters. Hard EM returns the same quantity (its own objective, the MAP
+            log-joint, is reported by `end_epoch` as "map_log_joint").
+
+        Raises:
+            TypeError, ValueError: x or y does not fit the model.
+        """
+        if isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == 0:
+            raise ValueError("x must hold at least one image, got an empty batch")
+        table = self.log_joint_table(x, y)  # (B, C, G, A)
+        resp, log_lik, map_lik = self._responsibilities(table)
+        rho = resp[..., -1]  # (B, C, G): a = 1 is the last index with or without a switch
+        x64 = x.detach().to(_STAT)
+        s = self._stats
+        s["images"] += x.shape[0]
+        s["sum_sq"] += x64.pow(2).sum()
+        s["counts"] += resp.sum(dim=(0, 2, 3))
+        s["on_weight"] += rho.sum()
+        s["weights"] += rho.sum(dim=(0, 2))
+        s["sums"] += self._template_sums(x64, rho)
+        s["log_lik"] += log_lik.sum()
+        s["map_lik"] += map_lik.sum()
+        return -float(log_lik.mean())
+
+    # ------------------------------------------------------------------------------------------
+    # M-step
+    # ------------------------------------------------------------------------------------------
+
+    def end_epoch(self) -> dict[str, float]:
+        """The closed-form M-step from the epoch's statistics; resets them.
+
+        Returns:
+            "log_likelihood": mean log p(x [, y]) per image over the epoch's E-steps (parameters
+            BEFORE this M-step); "map_log_joint": mean max_{c,g,a} log p(x, c, g, a) (hard EM's
+            objective, same parameters); "sigma2", "switch_prior_on" (nan without a switch) and
+            "min_class_prior" after the update; "empty_components": how many kept their
+            template; "images": N.
+
+        Raises:
+            RuntimeError: no `step` since the last M-step.
+        """
+        m = self.model
+        s = self._stats
+        n_images = float(s["images"])
+        if n_images == 0:
+            raise RuntimeError("end_epoch() needs at least one step() since the last M-step")
+        old = m.templates.detach().to(_STAT)
+        weights = s["weights"]
+        empty = weights <= self.empty_weight  # (C,)
+        safe = torch.where(empty, torch.ones_like(weights), weights)
+        templates = torch.where(
+            empty[:, None, None, None], old, s["sums"] / safe[:, None, None, None]
+        )  # (C, C0, h, w)
+        # expected squared residual sum_n E ||x_n - a T_g mu_c||^2 at the new templates
+        residual = (
+            s["sum_sq"]
+            - 2 * (templates * s["sums"]).sum()
+            + (weights * templates.pow(2).flatten(1).sum(1)).sum()
+        ).clamp(min=0.0)
+        sigma2 = max(float(residual) / (n_images * m.num_pixels), self.min_variance)
+        prior = floored_prior(s["counts"], self.prior_floor)
+        with torch.no_grad():
+            m.templates.copy_(templates.to(m.templates.dtype))
+            m.prior_logits.copy_(prior.log().to(m.prior_logits.dtype))
+            m.sigma2.fill_(sigma2)
+        switch_on = math.nan
+        if m.switch_prior_on is not None:
+            switch_on = min(
+                max(float(s["on_weight"]) / n_images, self.prior_floor), 1.0 - self.prior_floor
+            )
+            m.switch_prior_on = switch_on
+        summary = {
+            "log_likelihood": float(s["log_lik"]) / n_images,
+            "map_log_joint": float(s["map_lik"]) / n_images,
+            "sigma2": sigma2,
+            "switch_prior_on": switch_on,
+            "min_class_prior": float(prior.min()),
+            "empty_components": float(empty.sum()),
+            "images": n_images,
+        }
+        self.epochs += 1
+        self._reset()
+        return summary
+
+    # ------------------------------------------------------------------------------------------
+    # Trainer protocol: model and state
+    # ------------------------------------------------------------------------------------------
+
+    def current_model(self) -> ShallowRenderingModel:
+        """The model being trained (the same object, updated in place)."""
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flags, epoch count and the (possibly partial) epoch's statistics.
+
+        Nested dicts of tensors, numbers and strings: `drm.checkpoint.save_checkpoint` stores it.
+        """
+        return {
+            "hard": self.hard,
+            "supervised": self.supervised,
+            "min_variance": self.min_variance,
+            "prior_floor": self.prior_floor,
+            "empty_weight": self.empty_weight,
+            "epochs": self.epochs,
+            "stats": {k: v.detach().clone() for k, v in self._stats.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (validated; the model's shapes must match).
+
+        Raises:
+            TypeError, ValueError: a malformed state.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        if set(state) != _STATE_KEYS:
+            raise ValueError(
+                f"state must have keys {sorted(_STATE_KEYS)}, got {sorted(map(str, state))}"
+            )
+        stats = state["stats"]
+        if not isinstance(stats, dict) or set(stats) != set(_STAT_KEYS):
+            raise ValueError(f"state['stats'] must be a dict with keys {sorted(_STAT_KEYS)}")
+        restored: dict[str, Tensor] = {}
+        for key, want in self._stats.items():
+            value = stats[key]
+            if not isinstance(value, Tensor):
+                raise TypeError(f"state['stats'][{key!r}] must be a tensor")
+            if value.shape != want.shape:
+                raise ValueError(
+                    f"state['stats'][{key!r}] has shape {tuple(value.shape)}, the model needs "
+                    f"{tuple(want.shape)}"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"state['stats'][{key!r}] contains NaN or inf")
+            restored[key] = value.to(dtype=_STAT, device=want.device).clone()
+        epochs = _check_count(state["epochs"], "state['epochs']", 0)
+        # re-run the constructor's checks on the flags, then commit everything at once
+        checked = ShallowEM(
+            self.model,
+            hard=state["hard"],
+            supervised=state["supervised"],
+            min_variance=state["min_variance"],
+            prior_floor=state["prior_floor"],
+            empty_weight=state["empty_weight"],
+        )
+        self.hard, self.supervised = checked.hard, checked.supervised
+        self.min_variance, self.prior_floor = checked.min_variance, checked.prior_floor
+        self.empty_weight = checked.empty_weight
+        self.epochs = epochs
+        self._stats = restored
+
+
+# ----------------------------------------------------------------------------------------------
+# k-means and initialisation
+# ----------------------------------------------------------------------------------------------
+
+
+def _sq_distances(points: Tensor, centers: Tensor) -> Tensor:
+    """(N, K) squared Euclidean distances, ||p||^2 - 2 <p, c> + ||c||^2 clamped at 0."""
+    p2 = points.pow(2).sum(1, keepdim=True)  # (N, 1)
+    c2 = centers.pow(2).sum(1)[None, :]  # (1, K)
+    return (p2 - 2 * points @ centers.T + c2).clamp(min=0.0)
+
+
+def _kmeans(
+    x: Tensor, k: int, iterations: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """k-means on flattened points; returns centers (K, D), assignment (N,), sq. distance (N,)."""
+    points = x.flatten(1)  # (N, D)
+    n = points.shape[0]
+    device = points.device
+    # k-means++ seeding: a loop over the k centres, each draw vectorised over the points
+    first = int(torch.randint(n, (1,), generator=generator, device=device))
+    centers = points[first : first + 1].clone()  # (1, D)
+    nearest = _sq_distances(points, centers)[:, 0]  # (N,)
+    for _ in range(1, k):
+        total = float(nearest.sum())
+        weights = nearest if total > 0 else torch.ones_like(nearest)  # all points coincide
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        centers = torch.cat([centers, points[pick : pick + 1]])
+        nearest = torch.minimum(nearest, _sq_distances(points, points[pick : pick + 1])[:, 0])
+    dist = _sq_distances(points, centers)
+    best, assign = dist.min(dim=1)  # (N,), (N,)
+    for _ in range(iterations):
+        counts = torch.bincount(assign, minlength=k).to(points.dtype)  # (K,)
+        sums = torch.zeros_like(centers).index_add_(0, assign, points)  # (K, D)
+        empty = counts == 0
+        centers = torch.where(empty[:, None], centers, sums / counts.clamp(min=1)[:, None])
+        if bool(empty.any()):
+            # re-seed each empty cluster at one of the worst-explained points (distinct ones)
+            worst = best.argsort(descending=True)[: int(empty.sum())]
+            centers[empty] = points[worst]
+        dist = _sq_distances(points, centers)
+        best, new_assign = dist.min(dim=1)
+        if bool((new_assign == assign).all()) and not bool(empty.any()):
+            break
+        assign = new_assign
+    return centers, assign, best
+
+
+def kmeans(
+    x: Tensor, k: int, iterations: int = 50, generator: torch.Generator | None = None
+) -> Tensor:
+    """k-means (Lloyd) from a k-means++ start, vectorised over the points.
+
+    A cluster that becomes empty is re-seeded at the point farthest from its centre. Stops early
+    once the assignment no longer changes.
+
+    Args:
+        x: (N, C0, H, W) floating points (images), N >= k.
+        k: number of clusters, >= 1.
+        iterations: maximum number of Lloyd iterations, >= 0.
+        generator: optional torch.Generator on x's device, for reproducibility.
+
+    Returns:
+        (k, C0, H, W) centres, in x's dtype.
+
+    Raises:
+        TypeError, ValueError: invalid arguments.
+    """
+    x = _check_points(x)
+    k = _check_count(k, "k", 1)
+    iterations = _check_count(iterations, "iterations", 0)
+    if k > x.shape[0]:
+        raise ValueError(f"k = {k} clusters need at least k points, got N = {x.shape[0]}")
+    centers, _, _ = _kmeans(x, k, iterations, generator)
+    return centers.view(k, *x.shape[1:])
+
+
+def _check_template_size(
+    template_size: Sequence[int] | None, translation: str, image: tuple[int, int]
+) -> tuple[int, int]:
+    if template_size is None:
+        return image
+    if (
+        isinstance(template_size, (str, bytes))
+        or not isinstance(template_size, Sequence)
+        or len(template_size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in template_size)
+    ):
+        raise TypeError(f"template_size must be a pair of ints (h, w), got {template_size!r}")
+    h, w = int(template_size[0]), int(template_size[1])
+    if not (1 <= h <= image[0] and 1 <= w <= image[1]):
+        raise ValueError(f"template_size {(h, w)} must lie within the image size {image}")
+    if translation != "interior" and (h, w) != image:
+        raise ValueError(
+            f"translation={translation!r} needs image-sized templates {image}, got {(h, w)}"
+        )
+    return (h, w)
+
+
+def _model_from_clusters(
+    x: Tensor,
+    centers: Tensor,
+    assign: Tensor,
+    sq_dist: Tensor,
+    template_size: Sequence[int] | None,
+    translation: str,
+    switch_prior_on: float | None,
+    min_variance: float,
+) -> ShallowRenderingModel:
+    """A model whose templates are the (centre-cropped) cluster centres."""
+    num_classes = centers.shape[0]
+    _, c0, height, width = x.shape
+    h, w = _check_template_size(template_size, translation, (int(height), int(width)))
+    top, left = (height - h) // 2, (width - w) // 2
+    templates = centers.view(num_classes, c0, height, width)[:, :, top : top + h, left : left + w]
+    counts = torch.bincount(assign, minlength=num_classes).to(_STAT)
+    prior = (counts + 1.0) / (counts.sum() + num_classes)  # add-one: no class starts at zero
+    sigma2 = max(float(sq_dist.to(_STAT).mean()) / (c0 * height * width), min_variance)
+    return ShallowRenderingModel(
+        templates.contiguous(),
+        (int(c0), int(height), int(width)),
+        translation=translation,
+        prior_logits=prior.log().to(x.dtype),
+        sigma2=sigma2,
+        switch_prior_on=switch_prior_on,
+    )
+
+
+def init_from_kmeans(
+    x: Tensor,
+    num_classes: int,
+    *,
+    translation: str = "interior",
+    template_size: Sequence[int] | None = None,
+    switch_prior_on: float | None = None,
+    iterations: int = 50,
+    min_variance: float = 1e-6,
+    generator: torch.Generator | None = None,
+) -> ShallowRenderingModel:
+    """A `ShallowRenderingModel` started from k-means on the raw images (unsupervised start).
+
+    Templates: the k-means centres, centre-cropped to `template_size` for "interior" (the crop
+    is the template at the central placement); class prior: the cluster sizes (add-one
+    smoothed); sigma^2: the mean within-cluster squared distance per pixel (floored at
+    `min_variance`). k-means ignores the translation nuisance, which EM then takes into account.
+
+    Args:
+        x: (N, C0, H, W) images; the model takes their dtype and device.
+        num_classes: C, >= 1 and <= N.
+        translation: "circular", "interior" or "none".
+        template_size: (h, w) for "interior" (default: the image size, G = 1).
+        switch_prior_on: the initial pi_on, or None for a model without a switch.
+        iterations: maximum Lloyd iterations.
+        min_variance: floor of the initial sigma^2.
+        generator: optional torch.Generator, for reproducibility.
+
+    Returns:
+        The initial model.
+    """
+    x = _check_points(x)
+    num_classes = _check_count(num_classes, "num_classes", 1)
+    iterations = _check_count(iterations, "iterations", 0)
+    min_variance = _check_positive(min_variance, "min_variance")
+    if num_classes > x.shape[0]:
+        raise ValueError(
+            f"num_classes = {num_classes} needs at least as many images, got N = {x.shape[0]}"
+        )
+    centers, assign, sq_dist = _kmeans(x, num_classes, iterations, generator)
+    return _model_from_clusters(
+        x, centers, assign, sq_dist, template_size, translation, switch_prior_on, min_variance
+    )
+
+
+def init_from_class_means(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    *,
+    translation: str = "interior",
+    template_size: Sequence[int] | None = None,
+    switch_prior_on: float | None = None,
+    min_variance: float = 1e-6,
+) -> ShallowRenderingModel:
+    """A `ShallowRenderingModel` started from the per-class mean images (supervised start).
+
+    As `init_from_kmeans`, with the labels as the clusters; a class with no image starts from the
+    overall mean image.
+
+    Args:
+        x: (N, C0, H, W) images.
+        y: (N,) long labels in [0, num_classes).
+        num_classes: C, >= 1.
+        translation, template_size, switch_prior_on, min_variance: as in `init_from_kmeans`.
+
+    Returns:
+        The initial model.
+    """
+    x = _check_points(x)
+    num_classes = _check_count(num_classes, "num_classes", 1)
+    min_variance = _check_positive(min_variance, "min_variance")
+    if not isinstance(y, Tensor) or y.dtype != torch.long:
+        raise TypeError("y must be a torch.Tensor of dtype torch.int64 (long)")
+    if tuple(y.shape) != (x.shape[0],):
+        raise ValueError(f"y must have shape (N,) = ({x.shape[0]},), got {tuple(y.shape)}")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(
+            f"y must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
+        )
+    points = x.flatten(1)  # (N, D)
+    counts = torch.bincount(y, minlength=num_classes).to(points.dtype)  # (C,)
+    sums = torch.zeros(num_classes, points.shape[1], dtype=points.dtype, device=points.device)
+    sums.index_add_(0, y, points)
+    centers = torch.where(
+        (counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], points.mean(0)[None, :]
+    )  # (C, D)
+    sq_dist = (points - centers[y]).pow(2).sum(1)  # (N,)
+    return _model_from_clusters(
+        x, centers, y, sq_dist, template_size, translation, switch_prior_on, min_variance
+    )
