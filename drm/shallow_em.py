@@ -75,6 +75,7 @@ from drm.shallow import ShallowRenderingModel
 
 __all__ = [
     "ShallowEM",
+    "floored_prior",
     "init_from_class_means",
     "init_from_kmeans",
     "kmeans",
