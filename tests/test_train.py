@@ -1,0 +1,438 @@
+"""The training script: every algorithm end to end, exact resume, SIGKILL safety, clear errors.
+
+Everything runs on the 8x8 digits with a few hundred training images and the small model, on one
+CPU thread (so a subprocess and this process compute bit-identical tensors).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import drm.em
+from drm.checkpoint import load_checkpoint
+from drm.config import ModelConfig
+from drm.shallow import ShallowRenderingModel
+from experiments import train
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = ["--data", "digits", "--limit-train", "160", "--limit-test", "100", "--batch-size", "32"]
+REQUIRED_KEYS = {"epoch", "train_loss", "test_accuracy", "seconds", "elapsed"}
+
+
+def has_generative_em() -> bool:
+    return hasattr(drm.em, "GenerativeEM")
+
+
+def has_shallow_em() -> bool:
+    try:
+        importlib.import_module("drm.shallow_em")
+    except ImportError:
+        return False
+    return True
+
+
+ALGORITHMS = [
+    pytest.param(["--algo", "sgd"], id="sgd"),
+    pytest.param(["--algo", "dem", "--m-steps", "2"], id="dem"),
+    pytest.param(
+        ["--algo", "em"],
+        id="em-deep",
+        marks=pytest.mark.skipif(not has_generative_em(), reason="drm.em.GenerativeEM missing"),
+    ),
+    pytest.param(
+        ["--algo", "em", "--model", "shallow", "--translation", "interior", "--template-size", "6"],
+        id="em-shallow",
+        marks=pytest.mark.skipif(not has_shallow_em(), reason="drm.shallow_em missing"),
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, as the subprocesses use (--threads 1), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(out: Path, *extra: str, epochs: int = 2) -> dict[str, Any]:
+    argv = [*SMALL, "--epochs", str(epochs), "--out", str(out), "--no-progress", *extra]
+    return train.main(train.parse_args(argv))
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Nested dicts / lists / tensors equal exactly (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"tensors differ at {where}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), f"keys differ at {where}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert_same(u, v, f"{where}/{i}")
+    else:
+        assert a == b, f"{a!r} != {b!r} at {where}"
+
+
+def untimed(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in m.items() if k not in train.TIMING_KEYS} for m in metrics]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same model tensors, same trainer state, same metrics apart from timings."""
+    ca, cb = load_checkpoint(a / "model.safetensors"), load_checkpoint(b / "model.safetensors")
+    assert_same(ca.model.state_dict(), cb.model.state_dict(), "model")
+    assert_same(ca.trainer_state, cb.trainer_state, "trainer_state")
+    assert ca.metadata["epoch"] == cb.metadata["epoch"]
+    ma = json.loads((a / "metrics.json").read_text())
+    mb = json.loads((b / "metrics.json").read_text())
+    assert untimed(ma) == untimed(mb)
+
+
+# --- every algorithm, end to end -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_algorithm_runs_end_to_end(tmp_path: Path, algo: list[str]) -> None:
+    result = run(tmp_path, *algo)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert result["metrics"] == metrics
+    for m in metrics:
+        assert set(m) >= REQUIRED_KEYS, sorted(m)
+        assert 0.0 <= m["test_accuracy"] <= 1.0
+        assert m["seconds"] > 0 and m["elapsed"] >= m["seconds"]
+    assert metrics[1]["elapsed"] > metrics[0]["elapsed"]
+
+    checkpoint = load_checkpoint(tmp_path / "model.safetensors")
+    assert checkpoint.metadata["epoch"] == "2"
+    assert json.loads(checkpoint.metadata["metrics"]) == metrics
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["args"]["algo"] == algo[1]
+    model = checkpoint.model
+    data = train.load_data("digits", 160, 100)
+    if isinstance(model, ShallowRenderingModel):
+        assert "shallow" in algo and config["model"]["kind"] == "shallow"
+        assert model.config_dict() == config["model"]["config"]
+        # oracle: the model's own MAP classes and log-likelihood
+        with torch.no_grad():
+            correct = (model.map_classes(data.x_test) == data.y_test).double().mean()
+            loglik = model.log_likelihood(data.x_test).double().mean()
+        assert metrics[-1]["test_accuracy"] == float(correct)
+        assert metrics[-1]["test_log_likelihood"] == pytest.approx(float(loglik), rel=1e-5)
+    else:
+        assert config["model"]["kind"] == "deep"
+        assert model.config == ModelConfig.from_dict(config["model"]["config"])
+        # oracle: the library's accuracy on the checkpointed model
+        assert metrics[-1]["test_accuracy"] == drm.em.accuracy(model, data.x_test, data.y_test)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    table = train.format_table(result)
+    assert len(table.splitlines()) == 3 + len(metrics)
+
+
+def test_sgd_learns_the_digits(tmp_path: Path) -> None:
+    """The defaults learn: the small model, batch 16, about 0.93 on the digits after 4 epochs."""
+    argv = ["--data", "digits", "--epochs", "4", "--out", str(tmp_path), "--no-progress"]
+    result = train.main(train.parse_args(argv))
+    assert result["model"] == "small"
+    assert result["final"]["test_accuracy"] > 0.85
+    assert [m["lr"] for m in result["metrics"]] == pytest.approx([2e-3 * 0.7**e for e in range(4)])
+
+
+# --- resume ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_resume_gives_the_uninterrupted_run(tmp_path: Path, algo: list[str]) -> None:
+    run(tmp_path / "straight", *algo, epochs=2)
+    run(tmp_path / "resumed", *algo, epochs=1)
+    run(tmp_path / "resumed", *algo, "--resume", epochs=2)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_minibatch_order_depends_only_on_seed_and_epoch() -> None:
+    a = train.minibatches(100, 32, seed=3, epoch=2)
+    assert [len(b) for b in a] == [32, 32, 32, 4]
+    assert torch.equal(torch.cat(a).sort().values, torch.arange(100))
+    assert all(torch.equal(u, v) for u, v in zip(a, train.minibatches(100, 32, 3, 2), strict=True))
+    assert not torch.equal(torch.cat(a), torch.cat(train.minibatches(100, 32, 3, 1)))
+    assert not torch.equal(torch.cat(a), torch.cat(train.minibatches(100, 32, 4, 2)))
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path) -> None:
+    run(tmp_path, epochs=1)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    result = run(tmp_path, "--resume", epochs=1)
+    assert len(result["metrics"]) == 1
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_existing_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
+    run(tmp_path, epochs=1)
+    with pytest.raises(train.RunError, match="--resume"):
+        run(tmp_path, epochs=1)
+    run(tmp_path, "--overwrite", "--seed", "1", epochs=1)
+    assert json.loads((tmp_path / "config.json").read_text())["args"]["seed"] == 1
+
+
+# --- one-line errors -------------------------------------------------------------------------
+
+
+def cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the command in-process; it must fail with exactly one line on stderr."""
+    code = train.cli([*argv, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_data_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = cli_error(capsys, ["--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "o")])
+    assert "nope.npz" in line
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz archive")
+    assert "bad.npz" in cli_error(capsys, ["--data", str(bad), "--out", str(tmp_path / "o")])
+
+
+def test_resume_mismatch_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(tmp_path, epochs=1)
+    line = cli_error(capsys, [*SMALL, "--epochs", "2", "--out", str(tmp_path), "--resume",
+                              "--lr", "0.01"])  # fmt: skip
+    assert "--lr" in line and "0.01" in line
+    line = cli_error(capsys, [*SMALL, "--epochs", "2", "--out", str(tmp_path), "--resume",
+                              "--algo", "dem"])  # fmt: skip
+    assert "--algo" in line
+
+
+def test_resume_without_checkpoint_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = cli_error(capsys, [*SMALL, "--out", str(tmp_path), "--resume"])
+    assert "no checkpoint" in line
+
+
+def test_resume_beyond_epochs_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(tmp_path, epochs=2)
+    line = cli_error(capsys, [*SMALL, "--epochs", "1", "--out", str(tmp_path), "--resume"])
+    assert "2 epochs" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = cli_error(capsys, [*SMALL, "--out", str(tmp_path), "--device", "cuda"])
+    assert "CUDA" in line
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "garbage-header":
+        data[8:40] = b"\xff" * 32
+        path.write_bytes(bytes(data))
+    elif how == "flipped-bit":  # a bit of a tensor: only the checksum notices
+        data[-5] ^= 0x10
+        path.write_bytes(bytes(data))
+    elif how == "empty":
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["garbage-header", "empty"])
+def test_corrupted_checkpoint_is_one_line_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    run(tmp_path, epochs=1)
+    corrupt(tmp_path / "model.safetensors", how)
+    line = cli_error(capsys, [*SMALL, "--epochs", "2", "--out", str(tmp_path), "--resume"])
+    assert "model.safetensors" in line
+
+
+def test_any_flipped_bit_or_cut_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Random bit flips (header and tensors) and cuts: always one line, never a resume."""
+    run(tmp_path, epochs=1)
+    path = tmp_path / "model.safetensors"
+    good = path.read_bytes()
+    header = 8 + int.from_bytes(good[:8], "little")
+    generator = random.Random(0)
+    positions = [generator.randrange(header) for _ in range(12)]
+    positions += [generator.randrange(header, len(good)) for _ in range(12)]
+    for i in positions:
+        data = bytearray(good)
+        data[i] ^= 1 << generator.randrange(8)
+        path.write_bytes(bytes(data))
+        assert "model.safetensors" in cli_error(
+            capsys, [*SMALL, "--out", str(tmp_path), "--resume"]
+        )
+    for cut in (0, 7, header - 1, header, len(good) - 1):
+        path.write_bytes(good[:cut])
+        assert "model.safetensors" in cli_error(
+            capsys, [*SMALL, "--out", str(tmp_path), "--resume"]
+        )
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped-bit"])
+def test_corrupted_checkpoint_is_one_line(tmp_path: Path, how: str) -> None:
+    """The real command (python -m): one line on stderr, no traceback."""
+    run(tmp_path, epochs=1)
+    corrupt(tmp_path / "model.safetensors", how)
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.train", *SMALL, "--epochs", "2", "--out",
+         str(tmp_path), "--resume", "--threads", "1", "--no-progress"],
+        capture_output=True, text=True, cwd=ROOT, check=False, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "model.safetensors" in lines[0]
+    if how == "flipped-bit":
+        assert "SHA-256" in lines[0]
+
+
+# --- SIGKILL at any moment -------------------------------------------------------------------
+
+KILL_ARGS = [*SMALL, "--epochs", "3", "--threads", "1", "--no-progress"]
+
+# A run whose write of one file stalls half-way through its temporary file (the test then kills
+# it there): the harness patches drm.checkpoint's and experiments.train's atomic_write.
+STALL = """
+import os, sys, time
+from pathlib import Path
+import drm.checkpoint as checkpoint
+import experiments.train as train
+
+marker, name, nth = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real = checkpoint.atomic_write
+calls = {"n": 0}
+
+def stalling(path, write):
+    if path.name == name:
+        calls["n"] += 1
+        if calls["n"] == nth:
+            def half(tmp):
+                write(tmp)
+                os.truncate(tmp, os.path.getsize(tmp) // 2)
+                marker.touch()
+                time.sleep(120)
+            return real(path, half)
+    return real(path, write)
+
+checkpoint.atomic_write = stalling
+train.atomic_write = stalling
+sys.exit(train.cli(sys.argv[4:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted 3-epoch run (in-process, one thread)."""
+    out = tmp_path_factory.mktemp("reference")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(train.parse_args([*KILL_ARGS, "--out", str(out)]))
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def wait_for(predicate: Any, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, "the run ended before the moment to kill it"
+        assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.002)
+
+
+def check_after_kill(out: Path, reference: Path) -> None:
+    """Whatever a kill left is loadable, and resuming (or restarting) finishes the same run."""
+    for name in ("metrics.json", "config.json"):
+        if (out / name).exists():
+            json.loads((out / name).read_text())  # never torn
+    if (out / "curves.png").exists():
+        assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    if (out / "model.safetensors").exists():
+        checkpoint = load_checkpoint(out / "model.safetensors")
+        done = int(checkpoint.metadata["epoch"])
+        if (out / "metrics.json").exists():  # at most one epoch behind the checkpoint
+            assert done - len(json.loads((out / "metrics.json").read_text())) in (0, 1)
+        train.main(train.parse_args([*KILL_ARGS, "--out", str(out), "--resume"]))
+    else:
+        with pytest.raises(train.RunError, match="no checkpoint"):
+            train.main(train.parse_args([*KILL_ARGS, "--out", str(out), "--resume"]))
+        train.main(train.parse_args([*KILL_ARGS, "--out", str(out)]))
+    assert not list(out.glob(".*.tmp")), "stale temporary files were left behind"
+    assert_same_run(reference, out)
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+
+
+def launch(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+@pytest.mark.parametrize("moment", ["at-start", "first-checkpoint"])
+def test_sigkill_then_resume(tmp_path: Path, reference: Path, moment: str) -> None:
+    out = tmp_path / "run"
+    process = launch(["-m", "experiments.train", *KILL_ARGS, "--out", str(out)])
+    try:
+        if moment == "at-start":
+            time.sleep(0.2)  # still importing torch, or just started
+        else:  # a moment right after the first checkpoint lands: while the others are written
+            wait_for((out / "model.safetensors").exists, process)
+    finally:
+        kill(process)
+    check_after_kill(out, reference)
+
+
+@pytest.mark.parametrize(
+    ("name", "nth"),
+    [
+        ("model.safetensors", 1),  # the first checkpoint, half written: nothing to resume yet
+        ("model.safetensors", 2),  # the second one: the first must survive
+        ("metrics.json", 2),  # after the first checkpoint, before its metrics
+    ],
+)
+def test_sigkill_during_a_write_then_resume(
+    tmp_path: Path, reference: Path, name: str, nth: int
+) -> None:
+    out, marker = tmp_path / "run", tmp_path / "stalled"
+    process = launch(["-c", STALL, str(marker), name, str(nth), *KILL_ARGS, "--out", str(out)])
+    try:
+        wait_for(marker.exists, process)
+        assert list(out.glob(f".{name}.*.tmp")), "no half-written temporary file"
+        # while it runs, no second process may use the directory
+        with pytest.raises(train.RunError, match="in use"):
+            train.main(train.parse_args([*KILL_ARGS, "--out", str(out), "--overwrite"]))
+    finally:
+        kill(process)
+    check_after_kill(out, reference)
