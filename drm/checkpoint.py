@@ -4,8 +4,9 @@
 and the architecture (`ModelConfig.to_dict()`, JSON) in the header's metadata, to a temporary file
 in the same folder that is then renamed over the target: a reader sees the old checkpoint or the
 new one, never a torn file, even if the writer is killed. `load_model` never unpickles anything:
-it parses the safetensors header, validates the config and every tensor's name, shape and dtype,
-and raises ValueError naming what is wrong.
+it parses the safetensors header, checks a SHA-256 of every tensor and metadata entry (stored in
+the header), validates the config and every tensor's name, shape and dtype, and raises ValueError
+naming what is wrong.
 
 A training checkpoint (`save_checkpoint`) adds a trainer's state (optimizer moments, step counts:
 nested dicts and lists of tensors and numbers) to the same file: its tensors under the prefix
@@ -18,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -36,6 +38,7 @@ from drm.shallow import ShallowRenderingModel
 # Either kind of rendering model can be checkpointed; the header says which.
 Model = DeepRenderingModel | ShallowRenderingModel
 _KIND_KEY = "model_kind"
+_DIGEST_KEY = "sha256"
 
 FORMAT = "deep-rendering-model/1"
 _CONFIG_KEY = "drm_config"
@@ -85,6 +88,23 @@ def _model_from(kind: str, config: dict[str, Any], dtype: torch.dtype) -> Model:
     raise ValueError(f"unknown model kind {kind!r}")
 
 
+def content_digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and every metadata entry.
+
+    safetensors validates a file's structure, not its contents: without this a flipped bit in a
+    weight, an optimizer moment or a metadata string would load silently.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != _DIGEST_KEY:
+            digest.update(f"{key}={metadata[key]!r};".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _write(path: Path, model: Model, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     kind, config = _config_of(model)
     header = dict(metadata)
@@ -101,6 +121,7 @@ def _write(path: Path, model: Model, tensors: dict[str, Tensor], metadata: dict[
     for name, t in model.state_dict().items():
         tensors[_MODEL_PREFIX + name] = t
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    header[_DIGEST_KEY] = content_digest(tensors, header)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
@@ -188,7 +209,7 @@ def _read(path: Path) -> tuple[Model, dict[str, Tensor], dict[str, str]]:
         config = json.loads(metadata[_CONFIG_KEY])
         if not isinstance(config, dict):
             raise ValueError("the config is not a JSON object")
-        model = _model_from(metadata.get(_KIND_KEY, "deep"), config, dtype)
+        model = _model_from(metadata[_KIND_KEY], config, dtype)
     except (KeyError, json.JSONDecodeError, ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{path} holds a malformed model config: {err}") from err
     expected = model.state_dict()
@@ -197,6 +218,8 @@ def _read(path: Path) -> tuple[Model, dict[str, Tensor], dict[str, str]]:
             stored = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except SafetensorError as err:
         raise ValueError(f"{path} is a corrupted checkpoint: {err}") from err
+    if content_digest(stored, metadata) != metadata.get(_DIGEST_KEY):
+        raise ValueError(f"{path} is corrupted: its contents do not match their SHA-256")
     state = {k[len(_MODEL_PREFIX) :]: v for k, v in stored.items() if k.startswith(_MODEL_PREFIX)}
     if set(state) != set(expected):
         raise ValueError(
@@ -242,6 +265,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{path} holds a malformed trainer state: {err}") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a malformed trainer state")
-    extra = {k: v for k, v in metadata.items()
-             if k not in (_FORMAT_KEY, _KIND_KEY, _CONFIG_KEY, _DTYPE_KEY, _STATE_KEY)}  # fmt: skip
+    own = (_FORMAT_KEY, _KIND_KEY, _CONFIG_KEY, _DTYPE_KEY, _STATE_KEY, _DIGEST_KEY)
+    extra = {k: v for k, v in metadata.items() if k not in own}
     return Checkpoint(model, state, extra)

@@ -6,7 +6,8 @@ directory DIR (--out) is rewritten, each file atomically (temporary file, fsync,
 
     DIR/model.safetensors  the model and the trainer's state (optimizer moments, EM statistics)
                            (`drm.checkpoint.save_checkpoint`); its header also holds the epoch,
-                           the metrics so far, the run configuration and a SHA-256 of all of it
+                           the metrics so far and the run configuration, all covered by the
+                           SHA-256 that `drm.checkpoint` checks on load
     DIR/metrics.json       a list, one dict per completed epoch: epoch, train_loss (mean over the
                            epoch's images), test_accuracy, test_loss (deep: cross-entropy of the
                            max-sum scores) or test_log_likelihood (shallow: mean log p(x)), lr
@@ -52,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib
 import json
 import math
@@ -107,7 +107,6 @@ ESSENTIAL = (
 # Metric keys that measure time (they differ between an uninterrupted and a resumed run).
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "elapsed", "images_per_second")
 FORMAT = "drm-train-run/1"
-DIGESTED = ("run_format", "epoch", "metrics", "run_config")  # header entries the SHA-256 covers
 
 
 class RunError(Exception):
@@ -321,36 +320,6 @@ def evaluate(model: Any, x: Tensor, y: Tensor, batch: int = 1000) -> dict[str, f
 # ----------------------------------------------------------------------------------------------
 
 
-def _update_digest(digest: Any, value: Any, path: str) -> None:
-    if isinstance(value, Tensor):
-        t = value.detach().cpu().contiguous()
-        digest.update(f"{path}:{t.dtype}:{tuple(t.shape)}:".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _update_digest(digest, v, f"{path}/{k!r}")
-    elif isinstance(value, (list, tuple)):
-        digest.update(f"{path}:{type(value).__name__}{len(value)};".encode())
-        for i, v in enumerate(value):
-            _update_digest(digest, v, f"{path}/{i}")
-    else:
-        digest.update(f"{path}={value!r};".encode())
-
-
-def checksum(model: Any, trainer_state: dict[str, Any], metadata: dict[str, str]) -> str:
-    """SHA-256 of the model's architecture and tensors, the trainer state and our metadata.
-
-    safetensors checks the file's structure but not its contents: a flipped bit in a tensor or
-    in a metric would load silently without this.
-    """
-    digest = hashlib.sha256()
-    _update_digest(digest, model_description(model), "architecture")
-    _update_digest(digest, dict(sorted(model.state_dict().items())), "model")
-    _update_digest(digest, trainer_state, "state")
-    _update_digest(digest, {k: metadata[k] for k in DIGESTED}, "metadata")
-    return digest.hexdigest()
-
-
 def write_json(path: Path, value: Any) -> None:
     """Write `value` as JSON to `path`, atomically."""
     text = json.dumps(value, indent=2) + "\n"
@@ -412,7 +381,6 @@ def save_run(
         "metrics": json.dumps(metrics),
         "run_config": json.dumps(run_config),
     }
-    metadata["sha256"] = checksum(model, state, metadata)
     save_checkpoint(out / CHECKPOINT, model, state, metadata)
     write_outputs(out, run_config, metrics)
 
@@ -432,13 +400,10 @@ def load_run(out: Path) -> tuple[Any, dict[str, Any], dict[str, Any], list[dict[
         metrics = json.loads(metadata["metrics"])
         run_config = json.loads(metadata["run_config"])
         epoch = int(metadata["epoch"])
-        stored_digest = metadata["sha256"]
     except (KeyError, ValueError) as err:
         raise RunError(f"--resume: {path} has a malformed header: {err}") from err
     if not isinstance(metrics, list) or len(metrics) != epoch or not isinstance(run_config, dict):
         raise RunError(f"--resume: {path} has inconsistent metadata")
-    if checksum(model, state, metadata) != stored_digest:
-        raise RunError(f"--resume: {path} is corrupted: its contents do not match their SHA-256")
     return model, state, run_config, metrics
 
 

@@ -10,7 +10,14 @@ import torch
 from safetensors.torch import save_file
 
 import drm
-from drm.checkpoint import load_checkpoint, load_model, read_metadata, save_checkpoint, save_model
+from drm.checkpoint import (
+    content_digest,
+    load_checkpoint,
+    load_model,
+    read_metadata,
+    save_checkpoint,
+    save_model,
+)
 from tests.architectures import ARCHITECTURES, build, images
 
 
@@ -55,6 +62,13 @@ def test_a_failed_write_leaves_the_old_checkpoint(
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
+def _forge(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """A structurally valid file with a correct digest (to reach the checks behind it)."""
+    header = dict(metadata, sha256=content_digest(tensors, metadata))
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
 def test_bad_files_are_clear_errors(tmp_path: Path) -> None:
     model = build(ARCHITECTURES["dense-only"], seed=85)
     good = tmp_path / "good.safetensors"
@@ -78,19 +92,19 @@ def test_bad_files_are_clear_errors(tmp_path: Path) -> None:
     meta = read_metadata(good)
     state = {f"model/{k}": v.contiguous() for k, v in model.state_dict().items()}
     wrong_shape = dict(state, **{"model/levels.1.weight": torch.zeros(3, 3, dtype=torch.float64)})
-    save_file(wrong_shape, str(tmp_path / "shape.safetensors"), metadata=meta)
+    _forge(tmp_path / "shape.safetensors", wrong_shape, meta)
     with pytest.raises(ValueError, match=r"levels.1.weight is \(3, 3\)"):
         load_model(tmp_path / "shape.safetensors")
     missing = {k: v for k, v in state.items() if k != "model/sigma2"}
-    save_file(missing, str(tmp_path / "missing.safetensors"), metadata=meta)
+    _forge(tmp_path / "missing.safetensors", missing, meta)
     with pytest.raises(ValueError, match="do not match its architecture"):
         load_model(tmp_path / "missing.safetensors")
     bad_config = dict(meta, drm_config=json.dumps({"levels": "nope"}))
-    save_file(state, str(tmp_path / "config.safetensors"), metadata=bad_config)
+    _forge(tmp_path / "config.safetensors", state, bad_config)
     with pytest.raises(ValueError, match="malformed model config"):
         load_model(tmp_path / "config.safetensors")
     nan = dict(state, **{"model/sigma2": torch.tensor(float("nan"), dtype=torch.float64)})
-    save_file(nan, str(tmp_path / "nan.safetensors"), metadata=meta)
+    _forge(tmp_path / "nan.safetensors", nan, meta)
     with pytest.raises(ValueError, match="sigma2 contains NaN"):
         load_model(tmp_path / "nan.safetensors")
 
@@ -137,3 +151,14 @@ def test_shallow_models_round_trip(tmp_path: Path) -> None:
     for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
                               strict=True):  # fmt: skip
         assert n == m and torch.equal(a, b), n
+
+
+def test_a_flipped_bit_is_caught_by_the_digest(tmp_path: Path) -> None:
+    model = build(ARCHITECTURES["dense-only"], seed=88)
+    path = tmp_path / "model.safetensors"
+    save_model(model, path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's bytes: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match their SHA-256"):
+        load_model(path)
