@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drm.inference import frozen_scores, max_sum
+from drm.inference import max_sum, propagate_up
 from drm.levels import Conv, Dense, Switch
 from drm.model import DeepRenderingModel, Latents, check_classes, check_images, propagate_down
 from drm.shallow import ShallowRenderingModel
@@ -109,22 +109,24 @@ class DiscriminativeEM:
         self.m_steps = m_steps
         self.optimizer = make_optimizer(model.parameters(), optimizer, lr)
 
-    def e_step(self, x: Tensor) -> tuple[Tensor | None, ...]:
-        """Bottom-up max-sum latents, no gradient: the fine-to-coarse E-step."""
-        with torch.no_grad():
-            return max_sum(self.model, x)[1]
-
     def step(self, x: Tensor, y: Tensor) -> float:
         check_batch(self.model, x, y)
-        latents = self.e_step(x)
-        loss = x.new_zeros(())
-        for _ in range(self.m_steps):
-            # log p(c | x, z*) is the softmax of the frozen-latent scores (E1).
-            loss = F.cross_entropy(frozen_scores(self.model, x, latents), y)
+        # E-step: the fine-to-coarse max-sum pass. Its scores are the frozen-latent scores at its
+        # own latents, with the same gradients (E9), so the pass doubles as the first M-step's
+        # forward pass; the later M-steps rerun the network with the latents frozen.
+        scores, latents = max_sum(self.model, x)
+        latents = tuple(None if z is None else z.detach() for z in latents)
+        losses = []
+        for m_step in range(self.m_steps):
+            if m_step:
+                scores = propagate_up(self.model, x, latents)
+            # log p(c | x, z*) is the log-softmax of the frozen-latent scores (E1).
+            loss = F.cross_entropy(scores, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-        return float(loss.detach())
+            losses.append(loss.detach())
+        return float(losses[0])  # the loss at the E-step, as SGD reports its batch loss
 
     def end_epoch(self) -> dict[str, float]:
         return {}

@@ -48,7 +48,12 @@ def frozen_scores(model: DeepRenderingModel, x: Tensor, latents: Latents) -> Ten
     (the scores are equal), and its gradients are those of the CNN (E9).
     """
     y = check_images(model, x)
-    latents = check_latents(model, latents, y.shape[0])
+    return propagate_up(model, y, check_latents(model, latents, y.shape[0]))
+
+
+def propagate_up(model: DeepRenderingModel, x: Tensor, latents: Latents) -> Tensor:
+    """`frozen_scores` without its input checks, for inner loops whose inputs are valid."""
+    y = x
     for level, latent in zip(model.levels, latents, strict=True):
         y = level.bottom_up_frozen(y, latent)
     return y
