@@ -101,6 +101,7 @@ ESSENTIAL = (
     "template_size",
     "init",
     "hard",
+    "unsupervised",
     "cg_iterations",
     "em_step_size",
 )
@@ -214,7 +215,9 @@ def build_trainer(args: argparse.Namespace, model: Any) -> Trainer:
     if args.algo == "dem":
         return DiscriminativeEM(model, m_steps=args.m_steps, optimizer=args.optimizer, lr=args.lr)
     if shallow:
-        trainer: Trainer = _shallow_em().ShallowEM(model, hard=args.hard, supervised=True)
+        trainer: Trainer = _shallow_em().ShallowEM(
+            model, hard=args.hard, supervised=not args.unsupervised
+        )
         return trainer
     generative = getattr(drm.em, "GenerativeEM", None)
     if generative is None:  # the class is optional until it lands
@@ -294,8 +297,23 @@ def train_epoch(
     return total / max(count, 1), summary, len(batches)
 
 
-def evaluate(model: Any, x: Tensor, y: Tensor, batch: int = 1000) -> dict[str, float]:
-    """Test metrics: accuracy, and the cross-entropy (deep) or the mean log p(x) (shallow)."""
+def cluster_labels(model: ShallowRenderingModel, x: Tensor, y: Tensor, batch: int) -> Tensor:
+    """The majority training label of each component of an unsupervised model: (C,)."""
+    with torch.no_grad():
+        assigned = torch.cat([model.map_classes(x[i : i + batch]) for i in range(0, len(x), batch)])
+    votes = torch.zeros(model.num_classes, model.num_classes, dtype=torch.long)
+    votes.index_put_((assigned.cpu(), y.cpu()), torch.ones_like(assigned.cpu()), accumulate=True)
+    return votes.argmax(1).to(x.device)
+
+
+def evaluate(
+    model: Any, x: Tensor, y: Tensor, batch: int = 1000, relabel: Tensor | None = None
+) -> dict[str, float]:
+    """Test metrics: accuracy, and the cross-entropy (deep) or the mean log p(x) (shallow).
+
+    Args:
+        relabel: (C,) the label each component stands for (unsupervised models), else identity.
+    """
     correct, total = 0, 0.0
     key = "test_loss"
     with torch.no_grad():
@@ -303,6 +321,8 @@ def evaluate(model: Any, x: Tensor, y: Tensor, batch: int = 1000) -> dict[str, f
             xb, yb = x[start : start + batch], y[start : start + batch]
             if isinstance(model, ShallowRenderingModel):
                 predicted = model.map_classes(xb)
+                if relabel is not None:
+                    predicted = relabel[predicted]
                 total += float(model.log_likelihood(xb).sum())
                 key = "test_log_likelihood"
             else:
@@ -555,7 +575,11 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
         train_loss, summary, steps = train_epoch(trainer, data, args, epoch, device)
         trained = time.perf_counter()
         current = trainer.current_model()
-        test = evaluate(current, data.x_test, data.y_test, args.eval_batch_size)
+        relabel = None
+        if isinstance(current, ShallowRenderingModel) and args.unsupervised:
+            # clusters carry no labels: score each as the majority label of its training images
+            relabel = cluster_labels(current, data.x_train, data.y_train, args.eval_batch_size)
+        test = evaluate(current, data.x_test, data.y_test, args.eval_batch_size, relabel)
         seconds = time.perf_counter() - start
         elapsed += seconds
         train_seconds = trained - start
@@ -677,6 +701,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--hard", action="store_true", help="shallow EM: hard (MAP) E-step")
     parser.add_argument(
+        "--unsupervised",
+        action="store_true",
+        help="shallow EM: ignore the labels (accuracy: each cluster's majority label)",
+    )
+    parser.add_argument(
         "--cg-iterations", type=_positive, default=3, help="deep EM: CG steps per level and batch"
     )
     parser.add_argument(
@@ -704,6 +733,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--out DIR is required (except with --smoke)")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
+    if args.unsupervised and args.model != "shallow":
+        parser.error("--unsupervised applies to --model shallow")
     return args
 
 

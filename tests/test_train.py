@@ -156,6 +156,21 @@ def test_sgd_learns_the_digits(tmp_path: Path) -> None:
     assert [m["lr"] for m in result["metrics"]] == pytest.approx([2e-3 * 0.7**e for e in range(4)])
 
 
+def test_unsupervised_clusters_are_scored_by_their_majority_label(tmp_path: Path) -> None:
+    data = train.load_data("digits", None, None)
+    means = torch.stack([data.x_train[data.y_train == c].mean(0) for c in range(10)])
+    model = ShallowRenderingModel(means, translation="none", sigma2=0.05)
+    # oracle: templates that are the class means form clusters whose majority label is the class
+    assert torch.equal(train.cluster_labels(model, data.x_train, data.y_train, 500),
+                       torch.arange(10))  # fmt: skip
+    shuffled = ShallowRenderingModel(means[torch.tensor([3, 1, 4, 0, 5, 9, 2, 6, 8, 7])],
+                                     translation="none", sigma2=0.05)  # fmt: skip
+    assert torch.equal(train.cluster_labels(shuffled, data.x_train, data.y_train, 500),
+                       torch.tensor([3, 1, 4, 0, 5, 9, 2, 6, 8, 7]))  # fmt: skip
+    result = run(tmp_path, "--algo", "em", "--model", "shallow", "--unsupervised")
+    assert 0.2 < result["final"]["test_accuracy"] <= 1.0  # clusters of digits beat chance (0.1)
+
+
 # --- resume ----------------------------------------------------------------------------------
 
 
