@@ -27,6 +27,7 @@ from drm.config import (
     SwitchSpec,
     lenet_config,
 )
+from drm.em import DiscriminativeEM, GenerativeEM
 from drm.inference import frozen_scores, max_sum
 from drm.levels import AvgPool, Classes, Conv, Dense, Flatten, Level, MaxPool, Switch
 from drm.model import (
@@ -41,6 +42,8 @@ from drm.model import (
     top_down,
 )
 from drm.reference import exact_map, num_configurations
+from drm.shallow import ShallowRenderingModel
+from drm.shallow_em import ShallowEM
 
 __all__ = [
     "AvgPool",
@@ -50,15 +53,19 @@ __all__ = [
     "ConvSpec",
     "DeepRenderingModel",
     "Dense",
+    "DiscriminativeEM",
     "DenseSpec",
     "Flatten",
     "FlattenSpec",
+    "GenerativeEM",
     "Latents",
     "Level",
     "MaxPool",
     "MaxPoolSpec",
     "ModelConfig",
     "Sample",
+    "ShallowEM",
+    "ShallowRenderingModel",
     "Switch",
     "SwitchSpec",
     "exact_map",
