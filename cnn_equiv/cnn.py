@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,13 @@ class EquivalentCNN(nn.Sequential):
     def __init__(self, input_shape: tuple[int, int, int], *layers: nn.Module) -> None:
         super().__init__(*layers)
         self.input_shape = tuple(input_shape)
+
+    def __getitem__(self, idx: slice | int) -> nn.Sequential | nn.Module:
+        # nn.Sequential rebuilds slices with type(self)(OrderedDict), which would be read here
+        # as an input shape: a slice is a plain nn.Sequential of the same layers.
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
 
 
 @dataclass

@@ -401,7 +401,7 @@ class MaxPool(Level):
     def bottom_up_frozen(self, y: Tensor, latent: Tensor | None) -> Tensor:
         assert latent is not None
         # gather the chosen cell of every window: (B, C, H*W) -> (B, C, Ho*Wo)
-        return y.flatten(2).gather(2, latent.flatten(2)).view_as(latent).to(y.dtype)
+        return y.flatten(2).gather(2, latent.flatten(2)).view_as(latent)
 
     def top_down(self, g: Tensor, latent: Tensor | None, rule: SwitchRule = "drm") -> Tensor:
         assert latent is not None

@@ -249,3 +249,14 @@ def test_to_drm_argument_errors() -> None:
         to_drm(cnn, input_shape=(16,))
     with pytest.raises(TypeError, match="expects a DeepRenderingModel"):
         to_cnn(cnn)  # type: ignore[arg-type]
+
+
+def test_slicing_the_equivalent_cnn_gives_its_layers() -> None:
+    model = build(ARCHITECTURES["lenet"], seed=35)
+    cnn = to_cnn(model)
+    head = cnn[:3]
+    assert isinstance(head, nn.Sequential) and len(head) == 3
+    x = images(model, 2, seed=36)
+    with torch.no_grad():
+        torch.testing.assert_close(cnn[3:](head(x)), cnn(x), atol=ROUND_TRIP_TOL, rtol=0)
+    assert isinstance(cnn[0], nn.Conv2d)
