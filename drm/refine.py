@@ -31,14 +31,7 @@ from torch import Tensor
 
 from drm.inference import max_sum, propagate_up
 from drm.levels import MaxPool, Switch
-from drm.model import (
-    DeepRenderingModel,
-    Latents,
-    check_classes,
-    check_images,
-    check_latents,
-    propagate_down,
-)
+from drm.model import DeepRenderingModel, Latents, check_classes, check_images, check_latents
 
 
 def level_inputs(model: DeepRenderingModel, x: Tensor, latents: Latents) -> list[Tensor]:
@@ -100,27 +93,30 @@ def refine_latents(
     with torch.no_grad():
         current = list(max_sum(model, x)[1] if latents is None else
                        check_latents(model, latents, x.shape[0]))  # fmt: skip
-        order = list(reversed(model.latent_levels))  # coarse to fine
         sweeps = 0
         for sweeps in range(1, max_sweeps + 1):  # noqa: B007 - reported below
             changed = False
-            for index in order:
+            # A coarse-to-fine sweep changes latents only above the level it is at, so the
+            # bottom-up inputs computed at its start stay valid throughout, and the top-down
+            # signal is carried down level by level: one pass each way per sweep.
+            inputs = level_inputs(model, x, tuple(current))
+            g = torch.nn.functional.one_hot(classes, model.num_classes).to(model.dtype)
+            for index in reversed(range(len(model.levels))):
                 level = model.levels[index]
-                assert isinstance(level, (Switch, MaxPool))
-                inputs = level_inputs(model, x, tuple(current))
-                signals = propagate_down(model, classes, tuple(current))
-                choice = best_latent(level, inputs[index], signals[index + 1])
-                previous = current[index]
-                assert previous is not None
-                if not torch.equal(choice, previous):
-                    # keep the previous choice wherever the new one is no better (ties): the
-                    # score then never decreases and the sweep terminates
-                    new_gain = _unit_gain(level, inputs[index], signals[index + 1], choice)
-                    old_gain = _unit_gain(level, inputs[index], signals[index + 1], previous)
-                    better = new_gain > old_gain
-                    if bool(better.any()):
-                        current[index] = torch.where(better, choice, previous)
-                        changed = True
+                if isinstance(level, (Switch, MaxPool)):
+                    previous = current[index]
+                    assert previous is not None
+                    choice = best_latent(level, inputs[index], g)
+                    if not torch.equal(choice, previous):
+                        # keep the previous choice wherever the new one is no better (ties):
+                        # the score then never decreases and the sweeps terminate
+                        better = _unit_gain(level, inputs[index], g, choice) > _unit_gain(
+                            level, inputs[index], g, previous
+                        )
+                        if bool(better.any()):
+                            current[index] = torch.where(better, choice, previous)
+                            changed = True
+                g = level.top_down(g, current[index])
             if not changed:
                 break
         refined = tuple(current)
