@@ -75,8 +75,13 @@ class Report:
         column_labels: Sequence[str],
         caption: str,
         signed: Sequence[bool] | None = None,
+        signed_rows: Sequence[bool] | None = None,
     ) -> None:
-        """A PNG grid of images (each (C, H, W) or (H, W)); signed columns use a diverging map."""
+        """A PNG grid of images (each (C, H, W) or (H, W)).
+
+        Signed images (columns flagged in `signed`, and, when given, only in the rows flagged in
+        `signed_rows`) use a diverging map centred at zero; the others are grey levels.
+        """
         from matplotlib.figure import Figure
 
         n_rows, n_cols = len(rows), max(len(r) for r in rows)
@@ -91,7 +96,10 @@ class Report:
                     ax.axis("off")
                     continue
                 image = _as_image(row[j])
-                if signed is not None and signed[j]:
+                diverging = signed is not None and signed[j]
+                if signed_rows is not None:
+                    diverging = diverging and signed_rows[i]
+                if diverging:
                     bound = float(np.abs(image).max()) or 1.0
                     ax.imshow(image, cmap="RdBu_r", vmin=-bound, vmax=bound)
                 else:

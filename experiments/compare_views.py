@@ -1,0 +1,449 @@
+"""Compare the two views of a trained CNN: visualise it and break it, the neural-net way and the
+DRM way side by side, in one HTML report with PNG figures and the numbers.
+
+Sections (the second half of the lecture):
+  1. top-down projections of a class and of a unit: the DRM rendering, the input gradient
+     (saliency), Zeiler's deconvnet and guided backpropagation;
+  2. images that maximise a class score (gradient ascent with an L2 penalty) next to the DRM's
+     most probable rendering of the class (coordinate ascent over the latents);
+  3. individual units: the dataset patches that activate them most, and their rendered templates;
+  4. feature inversion, layer by layer: by optimisation (Mahendran and Vedaldi) and by the DRM's
+     top-down rendering with the inferred latents, with their reconstruction errors;
+  5. breaking the CNN: FGSM, an iterative attack, adding another class's rendered template, and
+     fooling images from noise; how the DRM sees each, and how well its statistics detect them
+     (ROC AUC);
+  6. inference beyond the CNN: the coordinate-ascent refinement of the latents (a top-down E-step):
+     how much of the exact inference gap it closes on a tiny model, and how often it changes the
+     prediction of the trained model.
+
+The model is a training run directory or checkpoint (`experiments.train`) or a torch LeNet
+state_dict file (`--torch-cnn FILE`, loaded with `torch.load(weights_only=True)`: no unpickling of
+code); without either, a LeNet is trained first (`experiments.train`, 2 epochs, about 40 s).
+
+Command:
+    python -m experiments.compare_views --model runs/sgd_2epochs --out runs/views   # ~2 min
+    python -m experiments.compare_views --smoke       # digits, small sizes, seconds (tests)
+
+Expected output: runs/views/index.html with 8 figures and the tables; the line printed last gives
+its path and the headline numbers (docs/views.md shows a full report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import drm
+from cnn_equiv import to_cnn, to_drm
+from cnn_equiv.attacks import (
+    DETECTION_STATISTICS,
+    detection_auc,
+    detection_report,
+    drm_view,
+    fgsm,
+    fool_with_template,
+    fooling_images,
+    iterative_attack,
+    minimal_template_alpha,
+)
+from cnn_equiv.visualize import (
+    Unit,
+    bottom_up_to,
+    inversion_report,
+    invert_by_optimization,
+    invert_by_rendering,
+    map_rendering,
+    maximize_class_score,
+    project,
+    saliency,
+    top_patches,
+    unit_template,
+)
+from drm.data import Dataset, load_digits, load_mnist
+from drm.refine import refine_latents
+from experiments import train
+from experiments._html import Report
+
+
+class ReportError(Exception):
+    """A problem with the command line's inputs, reported in one line."""
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+def load_any(path: Path | None, torch_cnn: Path | None, data: Dataset, out: Path, smoke: bool
+             ) -> tuple[drm.DeepRenderingModel, str]:  # fmt: skip
+    """The model to report on, and a sentence saying where it came from."""
+    if path is not None:
+        file = path / train.CHECKPOINT if path.is_dir() else path
+        try:
+            model = drm.load_model(file)
+        except (FileNotFoundError, ValueError) as err:
+            raise ReportError(f"--model {path}: {err}") from err
+        if not isinstance(model, drm.DeepRenderingModel):
+            raise ReportError(f"--model {path} holds a shallow model; the report needs a deep one")
+        return model, f"checkpoint {file}"
+    if torch_cnn is not None:
+        shape, classes = data.image_shape, data.num_classes
+        cnn = to_cnn(drm.DeepRenderingModel.from_config(drm.lenet_config(shape, classes)))
+        try:
+            state = torch.load(torch_cnn, map_location="cpu", weights_only=True)
+            cnn.load_state_dict(state)
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError,
+                pickle.UnpicklingError) as err:  # fmt: skip
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ReportError(
+                f"--torch-cnn {torch_cnn}: not a LeNet state_dict: {first_line}"
+            ) from err
+        return to_drm(cnn.eval()), f"torch LeNet state_dict {torch_cnn}"
+    run = out / "model"
+    argv = ["--out", str(run), "--no-progress", "--overwrite"]
+    argv += ["--smoke"] if smoke else ["--algo", "sgd", "--data", "mnist", "--epochs", "2"]
+    train.main(train.parse_args(argv))
+    return drm.load_model(run / train.CHECKPOINT), f"trained here: {' '.join(argv)}"  # type: ignore[return-value]
+
+
+def first_images_per_class(data: Dataset, per_class: int) -> tuple[Tensor, Tensor]:
+    """The first `per_class` test images of every class, class by class."""
+    index = torch.cat([torch.nonzero(data.y_test == c)[:per_class, 0]
+                       for c in range(data.num_classes)])  # fmt: skip
+    return data.x_test[index], data.y_test[index]
+
+
+def predicted(model: drm.DeepRenderingModel, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return drm.max_sum(model, x)[0].argmax(1)
+
+
+def conv_levels(model: drm.DeepRenderingModel) -> list[int]:
+    return [i for i, level in enumerate(model.levels) if isinstance(level, drm.Conv)]
+
+
+# --- the sections -----------------------------------------------------------------------------
+
+
+def section_projections(report: Report, model: drm.DeepRenderingModel, cnn: nn.Module,
+                        x: Tensor, sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    report.heading("1. Top-down projections: the DRM rendering is the input gradient")
+    classes = predicted(model, x)
+    maps = {rule: project(model, x, classes, rule=rule) for rule in ("drm", "deconvnet", "guided")}
+    grad = saliency(cnn, x, classes)
+    level = conv_levels(model)[-1]
+    activity = bottom_up_to(model, x, level).flatten(1)
+    unit = Unit(level, activity.argmax(1))  # each image's most active unit of the last conv
+    unit_maps = project(model, x, unit, rule="drm")
+    difference = float((maps["drm"] - grad).abs().max())
+    rows = [[x[i], maps["drm"][i], grad[i], maps["deconvnet"][i], maps["guided"][i], unit_maps[i]]
+            for i in range(x.shape[0])]  # fmt: skip
+    report.grid(
+        "projections", rows, [f"predicted {int(c)}" for c in classes],
+        ["image", "DRM render/σ²", "saliency", "deconvnet", "guided", f"unit, level {level}"],
+        "The same top-down pass with three switch rules, and autograd's input gradient. "
+        f"max |DRM rendering / sigma^2 - saliency| = {difference:.2e} (E6).",
+        signed=[False, True, True, True, True, True],
+    )  # fmt: skip
+    return {"projection_max_difference": difference}
+
+
+def section_class_models(report: Report, model: drm.DeepRenderingModel, cnn: nn.Module,
+                         data: Dataset, sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    report.heading("2. Class models: class-score maximisation against the DRM's MAP rendering")
+    classes = torch.arange(data.num_classes)
+    generator = torch.Generator().manual_seed(0)
+    ascent = maximize_class_score(cnn, classes, steps=sizes["ascent_steps"], lr=0.1, l2=0.05,
+                                  shape=model.input_shape, generator=generator)  # fmt: skip
+    means = torch.stack([data.x_train[data.y_train == c].mean(0) for c in classes])
+    mapped = map_rendering(model, classes, steps=sizes["map_steps"], start=means.to(model.dtype))
+    with torch.no_grad():
+        ascent_pred = cnn(ascent.image).argmax(1)
+        map_pred = predicted(model, mapped.image)
+    rows = [list(ascent.image), list(mapped.image), list(means)]
+    report.grid(
+        "class_models", rows, ["max class score", "DRM MAP", "class mean"],
+        [f"class {c}" for c in range(len(classes))],
+        "Top: gradient ascent on the class score with an L2 penalty, from noise. Middle: the "
+        "rendering mu(c, z) of the latents found by alternating x <- mu(c, z) and coordinate "
+        "ascent over z, started from the latents of the class mean (bottom).",
+        signed=[True] * len(classes), signed_rows=[True, True, False],
+    )  # fmt: skip
+    report.table(
+        ["", "classified as its class", "final objective (mean)"],
+        [["class-score maximisation", f"{int((ascent_pred == classes).sum())}/{len(classes)}",
+          float(ascent.trace[-1].mean())],
+         ["DRM MAP rendering", f"{int((map_pred == classes).sum())}/{len(classes)}",
+          float(mapped.trace[-1].mean())]],
+    )  # fmt: skip
+    return {"ascent_correct": float((ascent_pred == classes).double().mean()),
+            "map_correct": float((map_pred == classes).double().mean())}  # fmt: skip
+
+
+def section_units(report: Report, model: drm.DeepRenderingModel, data: Dataset,
+                  sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    report.heading("3. Individual units: top patches and rendered partial templates")
+    pool = data.x_test[: sizes["unit_images"]]
+    rows, labels = [], []
+    for level in conv_levels(model):
+        channels = model.levels[level].out_shape[0]
+        for channel in range(min(sizes["units_per_level"], channels)):
+            top = top_patches(model, pool, level, channel, sizes["top_k"])
+            template = unit_template(model, level, top.units[:1], tuple(
+                None if z is None else z[:1] for z in top.latents))  # fmt: skip
+            rows.append([*top.patches, template[0]])
+            labels.append(f"level {level}, ch {channel}")
+    report.grid(
+        "units", rows, labels,
+        [f"top {i + 1}" for i in range(sizes["top_k"])] + ["template"],
+        f"The {sizes['top_k']} patches of {len(pool)} test images where each unit's bottom-up "
+        "message is largest (its receptive field), and the unit's partial template: the "
+        "rendering of a one-hot at the unit with the latents of its top image.",
+        signed=[False] * sizes["top_k"] + [True],
+    )  # fmt: skip
+    return {}
+
+
+def section_inversion(report: Report, model: drm.DeepRenderingModel, x: Tensor,
+                      sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    report.heading("4. Feature inversion, layer by layer")
+    levels = [-1, *[i for i, lv in enumerate(model.levels[i] for i in range(len(model.levels)))
+                    if not isinstance(lv, (drm.Flatten, drm.Classes))]]  # fmt: skip
+    table = inversion_report(model, x, levels, steps=sizes["inversion_steps"], lr=0.05,
+                             generator=torch.Generator().manual_seed(1))  # fmt: skip
+    report.table(
+        ["level", "kind", "features", "rendering error", "(scale-invariant)",
+         "optimisation error", "(scale-invariant)"],
+        [list(r) for r in zip(table["level"], table["kind"], table["features"],
+                              table["rendering_error"], table["rendering_scale_invariant_error"],
+                              table["optimization_error"],
+                              table["optimization_scale_invariant_error"], strict=True)],
+    )  # fmt: skip
+    shown = [i for i in levels if i >= 0][:: max(1, len(levels) // 4)]
+    rows = []
+    for level in shown:
+        rendered = invert_by_rendering(model, x[:1], level)
+        target = bottom_up_to(model, x[:1], level)
+        optimised = invert_by_optimization(
+            model,
+            target,
+            level,
+            steps=sizes["inversion_steps"],
+            generator=torch.Generator().manual_seed(2),
+        ).image
+        rows.append([x[0], rendered[0], optimised[0]])
+    report.grid(
+        "inversion", rows, [f"level {i} ({type(model.levels[i]).__name__})" for i in shown],
+        ["image", "DRM rendering", "optimisation"],
+        "Reconstructions of one test image from the features of a level: the DRM's top-down "
+        "rendering with the image's latents, and gradient descent on ||phi(x) - phi(x0)||^2 from "
+        "noise (relative errors of all levels in the table above).",
+        signed=[False, True, False],
+    )  # fmt: skip
+    return {f"rendering_error_level_{lv}": float(e)
+            for lv, e in zip(table["level"], table["rendering_error"], strict=True)}  # fmt: skip
+
+
+def section_attacks(report: Report, model: drm.DeepRenderingModel, data: Dataset,
+                    sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    report.heading("5. Breaking the CNN, and what the DRM sees")
+    x, y = data.x_test[: sizes["attack_images"]], data.y_test[: sizes["attack_images"]]
+    eps = 0.1
+    runner_up = lambda m, images: drm.max_sum(m, images)[0].detach().topk(2, 1).indices[:, 1]  # noqa: E731
+
+    def template_attack(m: Any, images: Tensor, labels: Tensor) -> Tensor:
+        target = runner_up(m, images)
+        alpha = minimal_template_alpha(m, images, target, clamp=(0.0, 1.0))
+        alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
+        return fool_with_template(m, images, target, alpha, clamp=(0.0, 1.0))
+
+    attacks = {
+        f"FGSM eps={eps}": lambda m, a, b: fgsm(m, a, b, eps),
+        f"BIM eps={eps}, 10 steps": lambda m, a, b: iterative_attack(m, a, b, eps, eps / 4, 10),
+        "other class's template": template_attack,
+    }
+    detection = detection_report(model, x, y, attacks)
+    fooled = fooling_images(model, torch.arange(data.num_classes), sizes["fooling_steps"],
+                            generator=torch.Generator().manual_seed(3))  # fmt: skip
+    fooled_view = drm_view(model, fooled)
+    clean = detection.views["clean"]
+    fooling_auc = {name: detection_auc(sign * clean.statistic(name),
+                                       sign * fooled_view.statistic(name))
+                   for name, sign in DETECTION_STATISTICS.items()}  # fmt: skip
+    examples = {name: fn(model, x[:6], y[:6]) for name, fn in attacks.items()}
+    rows = [[x[i], *(adv[i] for adv in examples.values()), fooled[i]] for i in range(6)]
+    labels = [f"label {int(y[i])}" for i in range(6)]
+    report.grid(
+        "attacks", rows, labels, ["clean", *examples.keys(), "fooling image of class i"],
+        "Clean test images, their adversarial versions, and fooling images grown from noise "
+        "(row i: the fooling image of class i).",
+    )  # fmt: skip
+    report.table(
+        ["images", "CNN accuracy", "compared"],
+        [[name, detection.accuracy[name], detection.counts[name]] for name in detection.accuracy]
+        + [["fooling images (confidence)", float(fooled_view.max_softmax.mean()), len(fooled)]],
+    )  # fmt: skip
+    stats = list(DETECTION_STATISTICS)
+    report.paragraph(
+        "ROC AUC of each per-image statistic for telling attacked images (positives) from clean "
+        "ones; each statistic is signed so that larger means more suspicious: low log-joint, high "
+        "reconstruction error, large inference gap (lower bound from the refinement), low "
+        "maximum softmax. 0.5 is chance."
+    )
+    report.table(
+        ["attack", *stats],
+        [[name, *(detection.auc[name][s] for s in stats)] for name in detection.auc]
+        + [["fooling images", *(fooling_auc[s] for s in stats)]],
+    )  # fmt: skip
+    aucs = {f"auc {a} {s}": v for a, row in detection.auc.items() for s, v in row.items()}
+    return {**{f"accuracy {k}": v for k, v in detection.accuracy.items()}, **aucs}
+
+
+def section_refinement(report: Report, model: drm.DeepRenderingModel, data: Dataset,
+                       sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    report.heading("6. Inference beyond the CNN: refining the latents top-down")
+    # a tiny model on real 4x4 digit patches, where the exact MAP is computable
+    config = drm.ModelConfig((1, 4, 4), 3, (drm.ConvSpec(2, 2, stride=2), drm.SwitchSpec(),
+                             drm.MaxPoolSpec(2, 1), drm.FlattenSpec(), drm.DenseSpec(2),
+                             drm.SwitchSpec()))  # fmt: skip
+    tiny = drm.DeepRenderingModel.from_config(config, seed=0, dtype=torch.float64)
+    patches = load_digits().x_test[:32, :, 2:6, 2:6].to(torch.float64).contiguous()
+    with torch.no_grad():
+        scores, _ = drm.max_sum(tiny, patches)
+        exact = drm.exact_map(tiny, patches)[0] + drm.logit_offset(tiny, patches)[:, None]
+    refined = torch.stack([refine_latents(tiny, patches, torch.full((32,), c))[1]
+                           for c in range(3)], 1)  # fmt: skip
+    gap, closed = (exact - scores).sum(), (refined - scores).sum()
+    # the trained model: refine every class's latents, see whether the MAP class changes
+    x = data.x_test[: sizes["refine_images"]]
+    with torch.no_grad():
+        cnn_scores = drm.max_sum(model, x)[0]
+    refined_scores = torch.stack([refine_latents(model, x, torch.full((len(x),), c))[1]
+                                  for c in range(model.num_classes)], 1)  # fmt: skip
+    flips = refined_scores.argmax(1) != cnn_scores.argmax(1)
+    changed = flips.double().mean()
+    y = data.y_test[: len(x)]
+    acc_cnn = (cnn_scores.argmax(1) == y).double().mean()
+    acc_refined = (refined_scores.argmax(1) == y).double().mean()
+    report.table(
+        ["quantity", "value"],
+        [["tiny model: exact inference gap, summed over 32 patches x 3 classes", float(gap)],
+         ["tiny model: fraction of it the refinement closes", float(closed / gap)],
+         [f"trained model: mean gain of the refined score over max-sum ({len(x)} images)",
+          float((refined_scores - cnn_scores).mean())],
+         ["trained model: images whose MAP class changes", float(changed)],
+         ["trained model: accuracy, max-sum (the CNN)", float(acc_cnn)],
+         ["trained model: accuracy, refined latents", float(acc_refined)]],
+    )  # fmt: skip
+    shown = torch.nonzero(flips)[:4, 0]
+    if len(shown):
+        cnn_class, new_class = cnn_scores.argmax(1)[shown], refined_scores.argmax(1)[shown]
+        _, cnn_latents = drm.max_sum(model, x[shown])
+        new_latents = refine_latents(model, x[shown], new_class)[0]
+        with torch.no_grad():
+            before = drm.render(model, cnn_class, cnn_latents)
+            after = drm.render(model, new_class, new_latents)
+        report.grid(
+            "refinement", [[x[i], before[j], after[j]] for j, i in enumerate(shown.tolist())],
+            [f"{int(a)} -> {int(b)}" for a, b in zip(cnn_class, new_class, strict=True)],
+            ["image", "rendering, CNN latents", "rendering, refined"],
+            "Images whose MAP class changes when the latents are refined top-down: the rendering "
+            "of the CNN's class with its latents, and of the new class with the refined latents.",
+            signed=[False, True, True],
+        )  # fmt: skip
+    return {"tiny_gap_closed": float(closed / gap), "prediction_changed": float(changed),
+            "accuracy_cnn": float(acc_cnn), "accuracy_refined": float(acc_refined)}  # fmt: skip
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+SIZES = {
+    "full": {"projection_images": 6, "ascent_steps": 200, "map_steps": 30, "unit_images": 2000,
+             "units_per_level": 4, "top_k": 8, "inversion_images": 8, "inversion_steps": 200,
+             "attack_images": 500, "fooling_steps": 100, "refine_images": 200},
+    "smoke": {"projection_images": 3, "ascent_steps": 5, "map_steps": 2, "unit_images": 50,
+              "units_per_level": 1, "top_k": 3, "inversion_images": 2, "inversion_steps": 5,
+              "attack_images": 20, "fooling_steps": 3, "refine_images": 10},
+}  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.out is None:
+        with tempfile.TemporaryDirectory(prefix="views_") as tmp:
+            return {**build(args, Path(tmp)), "out": "a temporary folder, removed"}
+    return build(args, args.out)
+
+
+def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_digits() if args.smoke else load_mnist()
+    model, origin = load_any(args.model, args.torch_cnn, data, out, args.smoke)
+    model.eval()
+    data = data.to(model.dtype)
+    if model.input_shape != data.image_shape:
+        raise ReportError(f"the model takes {model.input_shape} images, the data are "
+                          f"{data.image_shape}")  # fmt: skip
+    cnn = to_cnn(model).eval()
+    sizes = SIZES["smoke" if args.smoke else "full"]
+    report = Report(out, "The two views of a CNN: visualising and breaking it")
+    report.paragraph(f"Model: {origin}. Data: {'digits' if args.smoke else 'MNIST'} test images.")
+    report.code(" ".join(["python -m experiments.compare_views", *sys.argv[1:]]))
+    x, _ = first_images_per_class(data, 1)
+    numbers: dict[str, float] = {}
+    timings: dict[str, float] = {}
+    sections = [
+        ("projections", lambda: section_projections(report, model, cnn,
+                                                     x[: sizes["projection_images"]], sizes)),
+        ("class models", lambda: section_class_models(report, model, cnn, data, sizes)),
+        ("units", lambda: section_units(report, model, data, sizes)),
+        ("inversion", lambda: section_inversion(report, model, x[: sizes["inversion_images"]],
+                                                sizes)),
+        ("attacks", lambda: section_attacks(report, model, data, sizes)),
+        ("refinement", lambda: section_refinement(report, model, data, sizes)),
+    ]  # fmt: skip
+    for name, run in sections:
+        start = time.perf_counter()
+        numbers.update(run())
+        timings[name] = time.perf_counter() - start
+    report.table(["section", "seconds"], [[k, v] for k, v in timings.items()])
+    page = report.write()
+    return {"page": str(page), "figures": report.figures, "numbers": numbers,
+            "seconds": timings, "out": str(out)}  # fmt: skip
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"report: {result['page']} ({len(result['figures'])} figures, out: {result['out']})"]
+    lines += [f"  {k}: {v:.4g}" for k, v in result["numbers"].items()]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.compare_views", description=__doc__.split("\n")[0]
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, help="a run directory or a .safetensors checkpoint")
+    source.add_argument("--torch-cnn", type=Path, help="a LeNet state_dict saved by torch.save")
+    parser.add_argument("--out", type=Path, default=None, help="the report folder")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--smoke", action="store_true", help="digits, small sizes (tests)")
+    args = parser.parse_args(argv)
+    if args.out is None and not args.smoke:
+        parser.error("--out DIR is required (except with --smoke)")
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        print(format_table(main(parse_args())))
+    except (ReportError, train.RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,99 @@
+"""The comparison report: every figure is written, valid, and loads in a real (headless) browser."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import compare_views
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Flags for a sandboxed CI machine with no network (see the env notes of this workplace).
+CHROMIUM_FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    out = tmp_path_factory.mktemp("views")
+    result = compare_views.main(compare_views.parse_args(["--smoke", "--out", str(out)]))
+    return out, result
+
+
+def test_every_figure_is_a_png_referenced_by_the_page(
+    report: tuple[Path, dict[str, object]],
+) -> None:
+    out, result = report
+    page = (out / "index.html").read_text()
+    figures = result["figures"]
+    assert isinstance(figures, list) and len(figures) >= 5
+    for name in figures:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f'src="{name}"' in page
+    headings = ("Top-down projections", "Class models", "Individual units", "Feature inversion",
+                "Breaking the CNN", "Inference beyond the CNN")  # fmt: skip
+    for heading in headings:
+        assert heading in page
+    numbers = result["numbers"]
+    assert isinstance(numbers, dict) and numbers["projection_max_difference"] < 1e-5  # E6
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+def test_the_page_renders_in_headless_chromium(
+    report: tuple[Path, dict[str, object]], tmp_path: Path
+) -> None:
+    out, result = report
+    url = (out / "index.html").resolve().as_uri()
+    assert CHROMIUM is not None
+    dom = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=10000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded is not None, "the page's load check did not run"
+    good, total = int(loaded.group(1)), int(loaded.group(2))
+    assert total == len(result["figures"]) and good == total  # type: ignore[arg-type]
+    shot = out / "screenshot.png"
+    subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}",
+         "--window-size=1200,4000", f"--screenshot={shot}", url],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert shot.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_torch_state_dict_is_loaded_safely(tmp_path: Path) -> None:
+    import drm
+    from cnn_equiv import to_cnn
+    from drm.data import Dataset
+
+    # MNIST-shaped stand-in data: load_any reads only the image shape and the class count
+    x, y = torch.zeros(10, 1, 28, 28), torch.arange(10)
+    data = Dataset(x, y, x, y)
+    cnn = to_cnn(drm.DeepRenderingModel.from_config(drm.lenet_config(data.image_shape, 10)))
+    torch.save(cnn.state_dict(), tmp_path / "lenet.pt")
+    model, origin = compare_views.load_any(None, tmp_path / "lenet.pt", data, tmp_path, True)
+    assert "state_dict" in origin and model.input_shape == data.image_shape
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(compare_views.ReportError, match="not a LeNet state_dict"):
+        compare_views.load_any(None, tmp_path / "bad.pt", data, tmp_path, True)
+
+
+def test_a_bad_model_path_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.compare_views", "--model", str(tmp_path / "nope"),
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
