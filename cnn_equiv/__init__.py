@@ -3,6 +3,7 @@
     to_cnn(model) -> EquivalentCNN       the CNN whose forward pass is max-sum in `model`
     to_drm(cnn, sigma2=1.0) -> model     the rendering model of a torch CNN (nn.Sequential)
     compare_views(model, x) -> report    agreement of the two views and the inference gap
+    cnn_equiv.visualize, cnn_equiv.attacks  visualising and breaking a CNN through both views
 
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
