@@ -8,6 +8,19 @@ Every trainer is driven the same way, like a torch optimizer:
         summary = trainer.end_epoch()    # batch EM's M-step; a no-op for gradient methods
     model = trainer.current_model()      # the current parameters (DRM or shallow)
 
+Data-parallel training (`drm.distributed`, the CLI's `torchrun` mode): every process holds a
+shard of the same global minibatch and calls `trainer.step(x_shard, y_shard, share=b / B)`, where
+`share` is the shard's fraction of the global batch (b of its B images; 1.0, the default, is the
+whole batch). Every trainer then computes the single-process update on the whole batch: the
+gradient methods weight their shard's mean loss by `share` and sum the gradients over processes
+(DDP for SGD, the `reduce` argument for discriminative EM); generative EM sums its normal
+equations (right-hand side and every Gram matrix-vector product) and its epoch counts; shallow
+EM sums its sufficient statistics before the M-step. `reduce` (a `drm.distributed.Reduce`: a
+tensor -> its sum over processes, e.g. `drm.distributed.all_reduce_`) defaults to None, the
+exact single-process behaviour. With `reduce`, an empty shard (b = 0, when B < the number of
+processes) is allowed: it contributes nothing, takes part in the collectives and returns 0.0.
+`step` returns the shard's own mean loss; the caller sums `loss * b` over processes.
+
 Algorithms (DESIGN section 5):
 * `cnn_equiv.SGDTrainer` (in the neural-net package): trains the equivalent torch CNN with SGD or
   Adam on the cross-entropy and maps it back with `to_drm`; the baseline.
@@ -38,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from drm.distributed import Reduce
 from drm.inference import max_sum, propagate_up
 from drm.levels import Conv, Dense, Switch
 from drm.model import DeepRenderingModel, Latents, check_classes, check_images, propagate_down
@@ -49,8 +63,12 @@ OptimizerName = Literal["adam", "sgd"]
 class Trainer(Protocol):
     """The loop shape shared by every learning algorithm of the library."""
 
-    def step(self, x: Tensor, y: Tensor) -> float:
-        """One update on the batch x (B, C0, H, W) with labels y (B,); returns the batch loss."""
+    def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
+        """One update on the batch x (B, C0, H, W) with labels y (B,); returns the batch loss.
+
+        `share`: the fraction of the global minibatch that this process holds (data-parallel
+        training; 1.0 is the whole batch). Returns the mean loss over x's images.
+        """
         ...
 
     def end_epoch(self) -> dict[str, float]:
@@ -94,6 +112,10 @@ class DiscriminativeEM:
         model: the DRM, trained in place.
         m_steps: gradient steps per E-step; 1 is SGD exactly (E9).
         optimizer, lr: the M-step's optimizer.
+        reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
+            None: one process. The E-step is per image and stays local; before every optimizer
+            step the share-weighted gradients are summed, so every process takes the
+            whole-batch step.
     """
 
     def __init__(
@@ -102,15 +124,20 @@ class DiscriminativeEM:
         m_steps: int = 1,
         optimizer: OptimizerName = "adam",
         lr: float = 1e-3,
+        reduce: Reduce | None = None,
     ) -> None:
         if m_steps < 1:
             raise ValueError(f"m_steps must be >= 1, got {m_steps}")
         self.model = model
         self.m_steps = m_steps
         self.optimizer = make_optimizer(model.parameters(), optimizer, lr)
+        self.reduce = reduce
 
-    def step(self, x: Tensor, y: Tensor) -> float:
+    def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
         check_batch(self.model, x, y)
+        empty = x.shape[0] == 0
+        if empty and self.reduce is None:
+            raise ValueError("x must hold at least one image, got an empty batch")
         # E-step: the fine-to-coarse max-sum pass. Its scores are the frozen-latent scores at its
         # own latents, with the same gradients (E9), so the pass doubles as the first M-step's
         # forward pass; the later M-steps rerun the network with the latents frozen.
@@ -121,9 +148,12 @@ class DiscriminativeEM:
             if m_step:
                 scores = propagate_up(self.model, x, latents)
             # log p(c | x, z*) is the log-softmax of the frozen-latent scores (E1).
-            loss = F.cross_entropy(scores, y)
+            loss = scores.sum() * 0.0 if empty else F.cross_entropy(scores, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # the whole batch's mean is the sum over shards of share * the shard's mean
+            (loss if share == 1.0 else loss * share).backward()
+            if self.reduce is not None:
+                sum_gradients(list(self.model.parameters()), self.reduce)
             self.optimizer.step()
             losses.append(loss.detach())
         return float(losses[0])  # the loss at the E-step, as SGD reports its batch loss
@@ -139,6 +169,31 @@ class DiscriminativeEM:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def sum_gradients(parameters: list[nn.Parameter], reduce: Reduce) -> None:
+    """Replace every parameter's gradient by its sum over processes, in one collective.
+
+    A gradient that is None on every process stays None (the optimizer then skips the
+    parameter, as it would in one process); None on some processes only counts as zero.
+    """
+    if not parameters:
+        return
+    reference = parameters[0]
+    pieces = [
+        torch.zeros_like(p).flatten() if p.grad is None else p.grad.detach().flatten()
+        for p in parameters
+    ]
+    present = torch.tensor(
+        [p.grad is not None for p in parameters], dtype=reference.dtype, device=reference.device
+    )  # (P,): how many processes have each gradient, after the sum
+    flat = reduce(torch.cat([*pieces, present]))
+    present = flat[-len(parameters) :]
+    offset = 0
+    for p, piece, count in zip(parameters, pieces, present.tolist(), strict=True):
+        summed = flat[offset : offset + piece.numel()].view_as(p)
+        offset += piece.numel()
+        p.grad = None if count == 0 else summed.clone()
 
 
 def conjugate_gradient(
@@ -194,6 +249,10 @@ class GenerativeEM:
         cg_iterations: conjugate-gradient steps per level and batch.
         step_size: in (0, 1]; 1 takes the batch's least-squares solution.
         levels_per_step: template levels updated per batch (None: all of them).
+        reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
+            None: one process. The normal equations are sums over images, so the right-hand
+            side and every Gram matrix-vector product are summed (every process then runs the
+            same conjugate-gradient iterations), and so are the epoch's counts and residuals.
     """
 
     def __init__(
@@ -202,6 +261,7 @@ class GenerativeEM:
         cg_iterations: int = 3,
         step_size: float = 0.5,
         levels_per_step: int | None = None,
+        reduce: Reduce | None = None,
     ) -> None:
         if cg_iterations < 1:
             raise ValueError(f"cg_iterations must be >= 1, got {cg_iterations}")
@@ -220,6 +280,7 @@ class GenerativeEM:
         if levels_per_step is not None and not 1 <= levels_per_step <= count:
             raise ValueError(f"levels_per_step must lie in [1, {count}], got {levels_per_step}")
         self.levels_per_step = levels_per_step or count
+        self.reduce = reduce
         self._cursor = 0
         self._reset_counts()
 
@@ -257,15 +318,20 @@ class GenerativeEM:
             with torch.enable_grad():
                 w = weight.detach().requires_grad_()
                 (grad,) = torch.autograd.grad(0.5 * (render(w) ** 2).sum(), w)
-            return grad
+            return grad if self.reduce is None else self.reduce(grad)
 
         with torch.enable_grad():
             w = level.weight.detach().clone().requires_grad_()
             (rhs,) = torch.autograd.grad((render(w) * x).sum() / model.sigma2, w)
+        if self.reduce is not None:  # sums over every process's images
+            rhs = self.reduce(rhs)
         return conjugate_gradient(gram, rhs, level.weight.detach(), self.cg_iterations)
 
-    def step(self, x: Tensor, y: Tensor) -> float:
+    def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
+        """E-step and one M-step per visited level; `share` is not needed (sums over images)."""
         check_batch(self.model, x, y)
+        if x.shape[0] == 0 and self.reduce is None:
+            raise ValueError("x must hold at least one image, got an empty batch")
         model = self.model
         with torch.no_grad():
             latents = max_sum(model, x)[1]
@@ -285,11 +351,37 @@ class GenerativeEM:
                 assert on is not None
                 self._on_counts[i] += float(on.sum())
                 self._unit_counts[i] += on.numel()
-        return residual / x.numel()
+        return residual / x.numel() if x.numel() else 0.0
+
+    def _sum_counts(self) -> None:
+        """Sum the epoch's counts and residuals over the processes (one collective)."""
+        if self.reduce is None:
+            return
+        levels = list(self._on_counts)
+        flat = torch.cat(
+            [
+                self._class_counts,
+                torch.tensor(
+                    [self._on_counts[i] for i in levels]
+                    + [self._unit_counts[i] for i in levels]
+                    + [self._squared_residual, float(self._pixels)],
+                    dtype=torch.float64,
+                ),
+            ]
+        )
+        flat = self.reduce(flat)
+        classes = len(self._class_counts)
+        self._class_counts = flat[:classes].clone()
+        values = flat[classes:].tolist()
+        self._on_counts = dict(zip(levels, values[: len(levels)], strict=True))
+        self._unit_counts = dict(zip(levels, values[len(levels) : 2 * len(levels)], strict=True))
+        self._squared_residual = values[-2]
+        self._pixels = round(values[-1])
 
     def end_epoch(self) -> dict[str, float]:
         model = self.model
         summary: dict[str, float] = {}
+        self._sum_counts()
         if self._pixels:
             with torch.no_grad():
                 frequencies = (self._class_counts + 1.0) / (

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from drm.distributed import Reduce
 from drm.shallow import ShallowRenderingModel
 
 __all__ = [
@@ -191,6 +192,10 @@ class ShallowEM:
             (0, 1 / max(C, 2)).
         empty_weight: a component whose template carries at most this expected number of images
             (W_c, see the module docstring) in an epoch is empty and keeps its template, >= 0.
+        reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
+            None: one process. Every process accumulates the statistics of its own images, and
+            `end_epoch` sums them (one collective) before the M-step, so every process takes
+            the M-step of the whole epoch. With it, `step` accepts an empty shard.
 
     Raises:
         TypeError, ValueError: invalid arguments.
@@ -204,6 +209,7 @@ class ShallowEM:
         min_variance: float = 1e-6,
         prior_floor: float = 1e-8,
         empty_weight: float = 1e-8,
+        reduce: Reduce | None = None,
     ) -> None:
         if not isinstance(model, ShallowRenderingModel):
             raise TypeError(f"model must be a ShallowRenderingModel, got {type(model).__name__}")
@@ -225,6 +231,7 @@ class ShallowEM:
         if not (math.isfinite(float(empty_weight)) and float(empty_weight) >= 0):
             raise ValueError(f"empty_weight must be finite and >= 0, got {empty_weight}")
         self.empty_weight: float = float(empty_weight)
+        self.reduce: Reduce | None = reduce
         self.epochs: int = 0  # completed M-steps
         self._reset()
 
@@ -349,13 +356,15 @@ class ShallowEM:
         kernel = rho.view(rho.shape[0], rho.shape[1], hg, wg).transpose(0, 1)  # (C, B, Hg, Wg)
         return F.conv2d(x64.transpose(0, 1), kernel).transpose(0, 1)  # (C, C0, h, w)
 
-    def step(self, x: Tensor, y: Tensor | None = None) -> float:
+    def step(self, x: Tensor, y: Tensor | None = None, *, share: float = 1.0) -> float:
         """The E-step on one batch: accumulate the M-step's statistics (parameters unchanged).
 
         Args:
             x: (B, C0, H, W) images in the model's dtype and device.
             y: (B,) long labels in [-1, C) (-1: unlabelled), or None (all unlabelled). With
                 `supervised=False` they are ignored (only their shape is checked).
+            share: the fraction of the global minibatch that x is (the `drm.em.Trainer`
+                protocol); not needed, the statistics are sums.
 
         Returns:
             The batch's mean negative log-likelihood per image in nats: -log p(x) for unlabelled
@@ -367,6 +376,8 @@ class ShallowEM:
             TypeError, ValueError: x or y does not fit the model.
         """
         if isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == 0:
+            if self.reduce is not None:  # an empty shard of a data-parallel batch
+                return 0.0
             raise ValueError("x must hold at least one image, got an empty batch")
         table = self.log_joint_table(x, y)  # (B, C, G, A)
         resp, log_lik, map_lik = self._responsibilities(table)
@@ -401,6 +412,16 @@ class ShallowEM:
             RuntimeError: no `step` since the last M-step.
         """
         m = self.model
+        if self.reduce is not None:  # sum every process's statistics, in one collective
+            flat = self.reduce(torch.cat([v.flatten() for v in self._stats.values()]))
+            self._stats = {
+                k: part.view_as(v).clone()
+                for (k, v), part in zip(
+                    self._stats.items(),
+                    flat.split([v.numel() for v in self._stats.values()]),
+                    strict=True,
+                )
+            }
         s = self._stats
         n_images = float(s["images"])
         if n_images == 0:

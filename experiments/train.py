@@ -34,6 +34,20 @@ and metrics, timings aside, as an uninterrupted run (on the same device and thre
 Algorithms: `sgd` (cnn_equiv.SGDTrainer: cross-entropy on the equivalent CNN), `dem`
 (drm.em.DiscriminativeEM: max-sum E-step, --m-steps gradient steps with latents frozen), `em`
 (drm.em.GenerativeEM on a deep model; drm.shallow_em.ShallowEM, supervised, on --model shallow).
+`--amp bf16` (sgd only) runs the CNN's forward pass under bfloat16 autocast.
+
+Data-parallel training: `torchrun --nproc_per_node N -m experiments.train ...` starts N
+processes (ranks) that join one process group (`drm.distributed`: gloo for --device cpu, nccl
+for cuda, each rank on cuda:LOCAL_RANK; a collective that a dead or hung rank never joins fails
+after --dist-timeout seconds). Every rank draws the same global minibatch order and takes its
+own contiguous shard of each minibatch (`drm.distributed.shard`), then the trainer makes the
+update of the whole minibatch (DistributedDataParallel for sgd, summed gradients for dem, summed
+normal equations and counts for deep em, summed sufficient statistics for shallow em; see
+`drm.em`). The train loss and the test metrics (the test set is sharded too) are summed over the
+ranks. Only rank 0 writes DIR (and holds its lock) and shows progress; every rank reads the
+checkpoint on --resume, which may use another number of ranks. A failure that one rank sees
+(DIR in use, a write) stops every rank with one line each; under torchrun a SIGTERM (torchrun
+stops the others when one rank dies) is one line too, and DIR keeps its last complete epoch.
 
 Command:
     python -m experiments.train --algo sgd --data mnist --epochs 2 --out runs/sgd
@@ -41,6 +55,8 @@ Command:
     python -m experiments.train --algo dem --m-steps 3 --data mnist --epochs 2 --out runs/dem
     python -m experiments.train --algo em --model shallow --data digits --epochs 10 --out runs/em
     python -m experiments.train --smoke       # digits, 256 images, 1 epoch; used by the tests
+    torchrun --nproc_per_node 2 -m experiments.train --algo sgd --data mnist --threads 1 \
+        --epochs 2 --out runs/sgd2            # two processes, same result as one (to rounding)
 
 Expected output: one row per epoch (train loss, test accuracy, seconds). LeNet with the defaults
 (Adam, lr 2e-3 decayed by 0.7 per epoch, batch 64) on MNIST: test accuracy 0.982 then 0.988
@@ -53,16 +69,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import math
+import os
 import platform
+import re
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -73,6 +93,7 @@ from tqdm import tqdm
 import drm
 import drm.em
 from cnn_equiv import SGDTrainer
+from drm import distributed
 from drm.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from drm.data import Dataset, load_digits, load_mnist, load_npz
 from drm.em import DiscriminativeEM, Trainer
@@ -104,14 +125,58 @@ ESSENTIAL = (
     "unsupervised",
     "cg_iterations",
     "em_step_size",
+    "amp",
 )
 # Metric keys that measure time (they differ between an uninterrupted and a resumed run).
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "elapsed", "images_per_second")
+DIST_TIMEOUT = 120.0  # seconds; --dist-timeout
 FORMAT = "drm-train-run/1"
+# What the CLI reports as one line (no traceback).
+EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
+
+T = TypeVar("T")
 
 
 class RunError(Exception):
     """A problem with the run directory or the command (reported as one line by the CLI)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM under torchrun (it stops every rank when one fails); not an Exception, so that
+    nothing swallows it on the way out."""
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line; gloo's '[file.cc:123] ' source prefix dropped."""
+    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", " ".join(str(err).split()))
+
+
+def _nothing() -> None:
+    """What the ranks other than 0 do while rank 0 writes DIR."""
+
+
+def agreed(action: Callable[[], T]) -> T:
+    """Run `action` on every rank; if it fails on any rank, fail on every rank (a collective).
+
+    Without it a failure that only one rank sees (DIR locked, a write) would leave the others
+    blocked in their next collective until --dist-timeout. The failing rank re-raises its own
+    error; the others raise a RunError naming it.
+    """
+    error: Exception | None = None
+    result: Any = None
+    try:
+        result = action()
+    except Exception as err:  # re-raised below, after every rank has heard of it
+        error = err
+    if distributed.is_distributed():
+        messages = distributed.gather_errors(None if error is None else one_line(error))
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if error is None and failed:
+            who, message = failed[0]
+            raise RunError(f"rank {who} failed: {message}")
+    if error is not None:
+        raise error
+    return result  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,19 +275,27 @@ def build_trainer(args: argparse.Namespace, model: Any) -> Trainer:
     shallow = isinstance(model, ShallowRenderingModel)
     if args.algo in ("sgd", "dem") and shallow:
         raise RunError(f"--algo {args.algo} trains a deep model: use --model lenet or small")
+    parallel = distributed.is_distributed()
+    reduce = distributed.all_reduce_ if parallel else None  # sum over ranks; None: one process
     if args.algo == "sgd":
-        return SGDTrainer(model, optimizer=args.optimizer, lr=args.lr)
+        return SGDTrainer(
+            model, optimizer=args.optimizer, lr=args.lr, distributed=parallel, amp=args.amp
+        )
     if args.algo == "dem":
-        return DiscriminativeEM(model, m_steps=args.m_steps, optimizer=args.optimizer, lr=args.lr)
+        return DiscriminativeEM(
+            model, m_steps=args.m_steps, optimizer=args.optimizer, lr=args.lr, reduce=reduce
+        )
     if shallow:
         trainer: Trainer = _shallow_em().ShallowEM(
-            model, hard=args.hard, supervised=not args.unsupervised
+            model, hard=args.hard, supervised=not args.unsupervised, reduce=reduce
         )
         return trainer
     generative = getattr(drm.em, "GenerativeEM", None)
     if generative is None:  # the class is optional until it lands
         raise RunError("--algo em with a deep model needs drm.em.GenerativeEM, not available")
-    trainer = generative(model, cg_iterations=args.cg_iterations, step_size=args.em_step_size)
+    trainer = generative(
+        model, cg_iterations=args.cg_iterations, step_size=args.em_step_size, reduce=reduce
+    )
     return trainer
 
 
@@ -266,10 +339,15 @@ def minibatches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
 def train_epoch(
     trainer: Trainer, data: Dataset, args: argparse.Namespace, epoch: int, device: torch.device
 ) -> tuple[float, dict[str, float | None], int]:
-    """One pass over the training set; returns (mean loss per image, end_epoch summary, steps)."""
+    """One pass over the training set; returns (mean loss per image, end_epoch summary, steps).
+
+    With several ranks, each steps on its shard of every global minibatch (`share`: its
+    fraction), and the loss is summed over the ranks after every step.
+    """
     torch.manual_seed(epoch_seed(args.seed, epoch))  # for any trainer that draws at random
     set_learning_rate(trainer, epoch_lr(args.lr, args.lr_decay, epoch))
     batches = minibatches(data.x_train.shape[0], args.batch_size, args.seed, epoch)
+    world = distributed.world_size()
     total, count = 0.0, 0
     bar = tqdm(
         batches,
@@ -278,11 +356,14 @@ def train_epoch(
         file=sys.stderr,
         leave=False,
         dynamic_ncols=True,
-        disable=not args.progress,
+        disable=not args.progress or distributed.rank() != 0,
     )
     for i, index in enumerate(bar):
-        index = index.to(device)
-        loss = trainer.step(data.x_train[index], data.y_train[index])
+        local = (distributed.shard(index) if world > 1 else index).to(device)
+        share = local.shape[0] / index.shape[0]  # 1.0 in one process
+        loss = trainer.step(data.x_train[local], data.y_train[local], share=share)
+        if world > 1:  # the global batch's mean loss (0.0 from an empty shard weighs nothing)
+            loss = distributed.all_reduce_float(loss * local.shape[0]) / index.shape[0]
         if not math.isfinite(loss):
             raise RunError(f"epoch {epoch}, step {i + 1}: the loss is {loss}; try a lower --lr")
         total += loss * index.shape[0]
@@ -298,12 +379,18 @@ def train_epoch(
 
 
 def cluster_labels(model: ShallowRenderingModel, x: Tensor, y: Tensor, batch: int) -> Tensor:
-    """The majority training label of each component of an unsupervised model: (C,)."""
+    """The majority training label of each component of an unsupervised model: (C,).
+
+    With several ranks each counts the votes of its shard of x, and the counts are summed.
+    """
+    x, y = distributed.shard(x), distributed.shard(y)
     with torch.no_grad():
-        assigned = torch.cat([model.map_classes(x[i : i + batch]) for i in range(0, len(x), batch)])
+        assigned = [model.map_classes(x[i : i + batch]) for i in range(0, len(x), batch)]
     votes = torch.zeros(model.num_classes, model.num_classes, dtype=torch.long)
-    votes.index_put_((assigned.cpu(), y.cpu()), torch.ones_like(assigned.cpu()), accumulate=True)
-    return votes.argmax(1).to(x.device)
+    if assigned:
+        found = torch.cat(assigned).cpu()
+        votes.index_put_((found, y.cpu()), torch.ones_like(found), accumulate=True)
+    return distributed.all_reduce_(votes).argmax(1).to(x.device)
 
 
 def evaluate(
@@ -311,11 +398,15 @@ def evaluate(
 ) -> dict[str, float]:
     """Test metrics: accuracy, and the cross-entropy (deep) or the mean log p(x) (shallow).
 
+    With several ranks each evaluates its shard of the test set, and the sums are summed.
+
     Args:
         relabel: (C,) the label each component stands for (unsupervised models), else identity.
     """
+    n = max(1, x.shape[0])
+    x, y = distributed.shard(x), distributed.shard(y)
     correct, total = 0, 0.0
-    key = "test_loss"
+    key = "test_log_likelihood" if isinstance(model, ShallowRenderingModel) else "test_loss"
     with torch.no_grad():
         for start in range(0, x.shape[0], batch):
             xb, yb = x[start : start + batch], y[start : start + batch]
@@ -324,14 +415,15 @@ def evaluate(
                 if relabel is not None:
                     predicted = relabel[predicted]
                 total += float(model.log_likelihood(xb).sum())
-                key = "test_log_likelihood"
             else:
                 # max-sum scores are the CNN's logits up to a class-independent constant (E2)
                 scores = drm.max_sum(model, xb)[0]
                 predicted = scores.argmax(1)
                 total += float(F.cross_entropy(scores, yb, reduction="sum"))
             correct += int((predicted == yb).sum())
-    n = max(1, x.shape[0])
+    if distributed.world_size() > 1:
+        sums = distributed.all_reduce_floats({"correct": correct, "total": total})
+        correct, total = round(sums["correct"]), sums["total"]
     return {"test_accuracy": correct / n, key: total / n}
 
 
@@ -474,8 +566,18 @@ def remove_stale_temporaries(out: Path) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of --device; under torchrun with CUDA, cuda:LOCAL_RANK."""
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda: CUDA is not available on this machine")
+    if name == "cuda" and distributed.launched_by_torchrun():
+        index, count = distributed.local_rank(), torch.cuda.device_count()
+        if index >= count:
+            raise RunError(
+                f"--device cuda: local rank {index} needs a GPU of its own, this machine has "
+                f"{count} (use --nproc_per_node {count} or fewer)"
+            )
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(name)
 
 
@@ -498,6 +600,7 @@ def run_config_of(args: argparse.Namespace, model: Any, data: Dataset) -> dict[s
             "num_classes": data.num_classes,
         },
         "parameters": sum(p.numel() for p in model.parameters()),
+        "world_size": distributed.world_size(),  # processes (ranks) of the latest (re)start
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -507,7 +610,12 @@ def run_config_of(args: argparse.Namespace, model: Any, data: Dataset) -> dict[s
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or resume) the run of `args`; returns the per-epoch metrics and the paths."""
+    """Train (or resume) the run of `args`; returns the per-epoch metrics and the paths.
+
+    Under torchrun (its environment variables set) it joins the process group first, unless
+    the caller already did, and leaves it after a successful run (after a failure, leaving can
+    block on a dead peer: the process is about to exit anyway).
+    """
     if args.out is None:  # --smoke without --out: a throw-away directory
         with tempfile.TemporaryDirectory(prefix="drm-train-smoke-") as tmp:
             args.out = Path(tmp)
@@ -517,22 +625,40 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 args.out = None
     out = Path(args.out)
     device = resolve_device(args.device)
+    joined = distributed.launched_by_torchrun() and not distributed.is_distributed()
+    if joined:
+        distributed.init(device, args.dist_timeout)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.data = data_name(args.data)
-    if args.resume and not (out / CHECKPOINT).is_file():  # before creating any directory
-        raise RunError(f"--resume: no checkpoint {out / CHECKPOINT} (run without --resume)")
-    out.mkdir(parents=True, exist_ok=True)
-    with locked(out):
-        return _train(args, out, device)
+    with contextlib.ExitStack() as stack:
+
+        def claim() -> None:  # rank 0 owns DIR
+            if args.resume and not (out / CHECKPOINT).is_file():  # before creating DIR
+                raise RunError(f"--resume: no checkpoint {out / CHECKPOINT} (run without --resume)")
+            if distributed.rank() == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(locked(out))
+
+        agreed(claim)
+        result = _train(args, out, device)
+    if joined:
+        distributed.teardown()
+    return result
 
 
-def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[str, Any]:
-    remove_stale_temporaries(out)
+def _prepare(
+    args: argparse.Namespace, out: Path
+) -> tuple[Any, dict[str, Any] | None, list[dict[str, Any]], Dataset]:
+    """(model, trainer state or None, metrics so far, data): a fresh run or the stored one."""
+    lead = distributed.rank() == 0
+    if lead:
+        remove_stale_temporaries(out)
     metrics: list[dict[str, Any]] = []
+    state: dict[str, Any] | None = None
     if args.resume:
         model, state, stored_config, metrics = load_run(out)  # fails fast, before the data
-    elif (out / CHECKPOINT).exists():
+    elif (out / CHECKPOINT).exists() and lead:
         if not args.overwrite:
             raise RunError(
                 f"{out} already holds a run ({CHECKPOINT}): pass --resume to continue it, "
@@ -551,22 +677,32 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
                 f"--resume: {out} already holds {len(metrics)} epochs, more than --epochs "
                 f"{args.epochs}"
             )
-        trainer = build_trainer(args, model.to(device))
+    else:
+        if lead:
+            for name in (METRICS, CURVES):
+                (out / name).unlink(missing_ok=True)
+        model = build_model(args, data)
+    return model, state, metrics, data
+
+
+def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[str, Any]:
+    lead = distributed.rank() == 0  # the only rank that writes DIR and prints
+    model, state, metrics, data = agreed(lambda: _prepare(args, out))
+    model = model.to(device)
+    if args.algo != "sgd":  # every rank starts from rank 0's tensors (DDP does it for sgd)
+        distributed.broadcast_module_(model)
+    trainer = build_trainer(args, model)
+    if state is not None:
         try:
             trainer.load_state_dict(state)
         except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as err:
             path = out / CHECKPOINT
             raise RunError(f"--resume: the trainer state in {path} does not fit: {err}") from err
-    else:
-        for name in (METRICS, CURVES):
-            (out / name).unlink(missing_ok=True)
-        model = build_model(args, data)
-        trainer = build_trainer(args, model.to(device))
     run_config = run_config_of(args, model, data)
     # Before the first checkpoint config.json says what is being run (and, on --resume,
     # metrics.json is rewritten from the checkpoint's own copy); after every checkpoint both are
     # rewritten again.
-    write_outputs(out, run_config, metrics)
+    agreed(functools.partial(write_outputs, out, run_config, metrics) if lead else _nothing)
     data = Dataset(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
 
     elapsed = metrics[-1]["elapsed"] if metrics else 0.0
@@ -597,8 +733,9 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
             "elapsed": elapsed,
         }
         metrics.append(record)
-        save_run(out, current, trainer.state_dict(), run_config, metrics)
-        if args.progress:
+        save = functools.partial(save_run, out, current, trainer.state_dict(), run_config, metrics)
+        agreed(save if lead else _nothing)
+        if args.progress and lead:
             print(_row(record), file=sys.stderr)
     return {
         "metrics": metrics,
@@ -714,6 +851,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="deep EM: step towards the CG solution",
     )
+    parser.add_argument(
+        "--amp",
+        choices=("bf16",),
+        default=None,
+        help="sgd: bfloat16 autocast of the forward pass (CPU or CUDA); default off",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=DIST_TIMEOUT,
+        help=f"torchrun: seconds before a collective that a rank never joins fails "
+        f"(default {DIST_TIMEOUT:g})",
+    )
     parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     parser.add_argument("--limit-train", type=_positive, default=None, help="first N train")
     parser.add_argument("--limit-test", type=_positive, default=None, help="first N test")
@@ -735,29 +885,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--resume and --overwrite exclude each other")
     if args.unsupervised and args.model != "shallow":
         parser.error("--unsupervised applies to --model shallow")
+    if args.amp is not None and args.algo != "sgd":
+        parser.error("--amp applies to --algo sgd")
     return args
 
 
+def say(line: str) -> None:
+    """One line on stderr in one write, so that the lines of several ranks never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _looks_like_communication(err: BaseException) -> bool:
+    """A collective that failed: a dead or hung peer, a timeout, a lost connection."""
+    text = str(err)
+    return isinstance(err, torch.distributed.DistError) or any(
+        mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection", "Timed out", "timed out")
+    )
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """The command: every expected failure is one line on stderr and exit status 1."""
+    """The command: every expected failure is one line on stderr and exit status 1.
+
+    Under torchrun each failing rank prints its own line, prefixed with "rank R/N"; a
+    communication failure (a rank died or hung past --dist-timeout) is one line too, and so is
+    the SIGTERM with which torchrun stops the other ranks (exit status 143).
+    """
     args = parse_args(argv)
+    launched = distributed.launched_by_torchrun()
+    world = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
+    rank = int(os.environ.get("RANK", "0")) if launched else 0
+    who = f"rank {rank}/{world}: " if world > 1 else ""
+    previous = signal.signal(signal.SIGTERM, _terminate) if launched else None
     try:
         result = main(args)
-    except (RunError, ValueError, TypeError, FileNotFoundError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
+    except (RunError, *EXPECTED_ERRORS) as err:
+        say(f"error: {who}{one_line(err)}")
         return 1
-    except KeyboardInterrupt:
-        print(
-            f"interrupted: {args.out} holds the last completed epoch; continue with --resume",
-            file=sys.stderr,
+    except RuntimeError as err:
+        if not launched:
+            raise
+        message = one_line(err)
+        if _looks_like_communication(err):
+            message = message.split(". ")[0].rstrip(".")  # gloo appends advice, then "GLHF!"
+            message = (
+                "lost contact with the other ranks (one died, or hung past --dist-timeout "
+                f"{args.dist_timeout:g} s): {message}; {args.out} holds the last completed "
+                "epoch; continue with --resume"
+            )
+        else:
+            message = f"{type(err).__name__}: {message}"
+        say(f"error: {who}{message}")
+        return 1
+    except Terminated:
+        say(
+            f"error: {who}stopped by SIGTERM (torchrun stops every rank when one fails); "
+            f"{args.out} holds the last completed epoch; continue with --resume"
         )
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        say(f"interrupted: {who}{args.out} holds the last completed epoch; continue with --resume")
         return 130
-    print(format_table(result))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if rank == 0:
+        print(format_table(result))
     return 0
 
 
 __all__ = ["ESSENTIAL", "TIMING_KEYS", "cli", "format_table", "main", "parse_args"]
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    code = cli()
+    if distributed.launched_by_torchrun():
+        # Skip the interpreter's finalisation: gloo's worker threads can abort it (SIGABRT,
+        # "terminate called without an active exception"), which would turn a clean exit, or
+        # a one-line error, into a crash report.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
