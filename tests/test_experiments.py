@@ -55,3 +55,27 @@ def test_bad_command_line_is_one_line_on_stderr() -> None:
     )  # fmt: skip
     assert done.returncode != 0
     assert "Traceback" not in done.stderr and "--sigma2" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},  # LeNet-5
+        {"input_shape": (1, 40, 36), "widths": (6, 16, 120)},
+    ],
+    ids=["lenet", "lenet-40x36-narrow"],
+)
+def test_bench_all_flop_count_matches_torch_flop_counter(config: dict[str, object]) -> None:
+    """The analytic FLOPs behind bench_all's GFLOP/s agree with torch's own FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cnn_equiv import to_cnn
+    from experiments.bench_all import flops_per_image, lenet
+
+    model = lenet(torch.device("cpu"), **config)
+    batch = 3
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        to_cnn(model)(torch.zeros(batch, *model.input_shape))
+    assert counter.get_total_flops() == batch * flops_per_image(model)
