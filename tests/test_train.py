@@ -182,6 +182,38 @@ def test_resume_gives_the_uninterrupted_run(tmp_path: Path, algo: list[str]) -> 
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
+DEEP_ALGORITHMS = ALGORITHMS[:3]
+CHANNELS_LAST_ATOL = 1e-4  # float32: only the summation order of the convolutions differs
+
+
+@pytest.mark.parametrize("algo", DEEP_ALGORITHMS)
+def test_channels_last_trains_the_same_model(tmp_path: Path, algo: list[str]) -> None:
+    """--channels-last changes strides, not the mathematics: same parameters up to rounding."""
+    run(tmp_path / "nchw", *algo, epochs=1)
+    run(tmp_path / "cl", *algo, "--channels-last", epochs=1)
+    a = load_checkpoint(tmp_path / "nchw" / "model.safetensors").model.state_dict()
+    b = load_checkpoint(tmp_path / "cl" / "model.safetensors").model.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=CHANNELS_LAST_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("algo", DEEP_ALGORITHMS)
+def test_channels_last_resume_gives_the_uninterrupted_run(tmp_path: Path, algo: list[str]) -> None:
+    run(tmp_path / "straight", *algo, "--channels-last", epochs=2)
+    run(tmp_path / "resumed", *algo, "--channels-last", epochs=1)
+    run(tmp_path / "resumed", *algo, "--channels-last", "--resume", epochs=2)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_channels_last_is_refused_for_the_shallow_model(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args(["--smoke", "--model", "shallow", "--algo", "em", "--channels-last"])
+    assert "--channels-last applies to the deep models" in capsys.readouterr().err
+
+
 def test_minibatch_order_depends_only_on_seed_and_epoch() -> None:
     a = train.minibatches(100, 32, seed=3, epoch=2)
     assert [len(b) for b in a] == [32, 32, 32, 4]
