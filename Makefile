@@ -39,8 +39,9 @@ format: setup
 typecheck: setup
 	$(BIN)/mypy
 
-bench: setup  ## the benchmark table of docs/benchmarks.md
+bench: setup  ## the benchmark tables of docs/benchmarks.md and docs/performance.md
 	$(BIN)/python -m experiments.bench_inference
+	$(BIN)/python -m experiments.bench_all --json runs/bench_all.json
 
 docs: setup  ## regenerate the measured tables quoted in docs/
 	$(BIN)/python -m experiments.demo > docs/demo_output.txt

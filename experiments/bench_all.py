@@ -14,7 +14,8 @@ images (`drm.data.load_mnist()`), with the thread count stated in the output:
    dense level) at several batch sizes, eager NCHW, eager channels_last and `torch.compile`d, as
    a fraction of the GFLOP/s of a large float32 `torch.mm` timed in the same rounds; compile time
    (cold inductor cache, in a subprocess, and in this process), 1 thread against all threads, and
-   a torch.profiler breakdown of which op dominates;
+   a torch.profiler breakdown of which op dominates, in the forward pass, in a discriminative
+   and a generative EM step and in `drm.exact_map`;
 3. peak memory: the increase of the peak resident set size of a fresh subprocess over one call
    of max_sum, of the CNN forward, of an SGD and of a DEM training step (Linux: VmHWM, reset to
    the current RSS just before the call; CUDA: `torch.cuda.max_memory_allocated`), next to the
@@ -535,6 +536,41 @@ def peak_fraction(args: argparse.Namespace, data: Any, device: torch.device) -> 
     return result
 
 
+def hot_paths(args: argparse.Namespace, data: Any, device: torch.device) -> dict[str, Any]:
+    """torch.profiler breakdown of a DEM step, a generative EM step and exact_map."""
+    model = lenet(device)
+    b = args.train_batch
+    batches = [
+        (data.x_train[i : i + b].to(device), data.y_train[i : i + b].to(device))
+        for i in range(0, b * args.train_batches, b)
+    ]
+    result: dict[str, Any] = {"train_batch": b, "tiny_images": args.tiny_images}
+    # generative EM steps are ~20x longer (and hold ~20x more profiler events): fewer of them
+    for name, trainer, calls in (
+        ("DEM step, 1 M-step", DiscriminativeEM(copy.deepcopy(model)), args.profile_calls),
+        ("generative EM step", GenerativeEM(copy.deepcopy(model)), max(1, args.profile_calls // 4)),
+    ):
+        counter = iter(range(1 << 30))
+
+        def step(trainer: Any = trainer, counter: Any = counter) -> None:
+            xb, yb = batches[next(counter) % len(batches)]
+            trainer.step(xb, yb)
+
+        result[name] = op_profile(step, device, calls)
+    # a smaller tiny model than section 1's: the profiler keeps an event per op call, and
+    # conv_transpose2d's float64 CPU kernel makes a few `select` calls per rendered image (10
+    # per configuration), which at 65,536 configurations would need gigabytes of events
+    w = min(args.tiny_width, 7)
+    tiny = tiny_model(w).to(device)
+    result["tiny_configurations"] = drm.num_configurations(tiny)
+    patches = data.x_test[: args.tiny_images, :, 12:15, 10 : 10 + w].to(device, torch.float64)
+    with torch.inference_mode():
+        result["exact_map, tiny model"] = op_profile(
+            partial(drm.exact_map, tiny, patches), device, 1
+        )
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Memory
 # ----------------------------------------------------------------------------------------------
@@ -762,6 +798,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     sections: dict[str, Callable[[], Any]] = {
         "throughput": partial(throughput, args, data, device),
         "peak": partial(peak_fraction, args, data, device),
+        "hot_paths": partial(hot_paths, args, data, device),
         "memory": partial(memory, args, device),
         "scaling": partial(scaling, args, device),
     }
@@ -858,6 +895,27 @@ def format_table(results: dict[str, Any]) -> str:
                 f"| {o['op']} | {o['input']} | {o['ms_per_call']:.3f} | {o['share']:.0%} |"
             )
 
+    h = results["hot_paths"]
+    lines += ["", "Profile of the learning steps and of the exact oracle: self time per call"]
+    for k, ops in h.items():
+        if not isinstance(ops, list):
+            continue
+        total = sum(o["ms_per_call"] for o in ops)
+        size = (
+            f"{h['tiny_images']} images, {h['tiny_configurations']:,} configurations"
+            if "exact" in k
+            else f"batch {h['train_batch']}"
+        )
+        lines += [
+            f"{k}, {size} (total {total:.2f} ms per call)",
+            "| op | first input | ms | share |",
+            "|---|---|---:|---:|",
+        ]
+        for o in ops[:5]:
+            lines.append(
+                f"| {o['op']} | {o['input']} | {o['ms_per_call']:.3f} | {o['share']:.0%} |"
+            )
+
     mem = results["memory"]
     per = mem["per_image_bytes"]
     lines += [
@@ -911,7 +969,7 @@ def format_table(results: dict[str, Any]) -> str:
             )
     lines += ["", f"(whole run: {results['seconds']:.0f} s)"]
     load = results.get("load", {})
-    if all(load.get(k) for k in ("throughput", "peak", "memory", "scaling")):
+    if all(load.get(k) for k in ("throughput", "peak", "hot_paths", "memory", "scaling")):
         lines.append(
             "Other processes' CPU use during each section (average cores; ~0 on a quiet machine): "
             + ", ".join(
