@@ -814,6 +814,16 @@ def _num(value: float | None, digits: int = 0) -> str:
     return "" if value is None else f"{value:,.{digits}f}"
 
 
+def profile_lines(title: str, unit: str, ops: list[dict[str, Any]], top: int) -> list[str]:
+    """A titled markdown table of the `top` ops of an `op_profile`."""
+    total = sum(o["ms_per_call"] for o in ops)
+    lines = [f"{title} (total {total:.2f} {unit})", "| op | first input | ms | share |",
+             "|---|---|---:|---:|"]  # fmt: skip
+    for o in ops[:top]:
+        lines.append(f"| {o['op']} | {o['input']} | {o['ms_per_call']:.3f} | {o['share']:.0%} |")
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -884,37 +894,19 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"  max |logit - eager NCHW logit| over all batches: {diffs}")
     lines += ["", f"Profile (torch.profiler, batch {p['profile_batch']}): self time per forward"]
     for k, ops in p["profiles"].items():
-        total = sum(o["ms_per_call"] for o in ops)
-        lines += [
-            f"{k} (total {total:.2f} ms)",
-            "| op | first input | ms | share |",
-            "|---|---|---:|---:|",
-        ]
-        for o in ops[:7]:
-            lines.append(
-                f"| {o['op']} | {o['input']} | {o['ms_per_call']:.3f} | {o['share']:.0%} |"
-            )
+        lines += profile_lines(k, "ms", ops, 7)
 
     h = results["hot_paths"]
     lines += ["", "Profile of the learning steps and of the exact oracle: self time per call"]
     for k, ops in h.items():
         if not isinstance(ops, list):
             continue
-        total = sum(o["ms_per_call"] for o in ops)
         size = (
             f"{h['tiny_images']} images, {h['tiny_configurations']:,} configurations"
             if "exact" in k
             else f"batch {h['train_batch']}"
         )
-        lines += [
-            f"{k}, {size} (total {total:.2f} ms per call)",
-            "| op | first input | ms | share |",
-            "|---|---|---:|---:|",
-        ]
-        for o in ops[:5]:
-            lines.append(
-                f"| {o['op']} | {o['input']} | {o['ms_per_call']:.3f} | {o['share']:.0%} |"
-            )
+        lines += profile_lines(f"{k}, {size}", "ms per call", ops, 5)
 
     mem = results["memory"]
     per = mem["per_image_bytes"]
