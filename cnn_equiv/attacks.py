@@ -48,16 +48,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drm.inference import max_sum
+from cnn_equiv._checks import check_count, check_nonnegative, dtype_device
+from cnn_equiv.cnn import input_shape_of
+from drm.inference import latents_or_max_sum, max_sum
 from drm.model import (
     DeepRenderingModel,
     Latents,
     check_classes,
     check_images,
-    check_latents,
-    log_joint,
+    gaussian_log_joint,
     logit_offset,
     render,
+    rendering_terms,
 )
 from drm.reference import DEFAULT_MAX_CONFIGURATIONS, exact_map, num_configurations
 from drm.refine import refine_latents
@@ -138,21 +140,6 @@ def _check_labels(labels: object, batch: int, name: str) -> Tensor:
     return labels
 
 
-def _check_nonnegative(value: object, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value}")
-    return number
-
-
-def _check_count(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _check_range(clamp: object, x: Tensor | None = None) -> PixelRange:
     """A valid pixel range; the clean images `x` must already lie inside it."""
     if clamp is None:
@@ -205,11 +192,6 @@ def logits_of(classifier: nn.Module, x: Tensor) -> Tensor:
     return logits
 
 
-def _predict(classifier: nn.Module, x: Tensor) -> Tensor:
-    with torch.no_grad():
-        return logits_of(classifier, x).argmax(1)
-
-
 def _loss_gradient(classifier: nn.Module, x: Tensor, labels: Tensor, targeted: bool) -> Tensor:
     """The gradient in x of the summed cross-entropy (negated when targeted): (B, C0, H, W).
 
@@ -231,15 +213,6 @@ def _loss_gradient(classifier: nn.Module, x: Tensor, labels: Tensor, targeted: b
 
 def _clamped(x: Tensor, clamp: PixelRange) -> Tensor:
     return x if clamp is None else x.clamp(clamp[0], clamp[1])
-
-
-def _model_dtype_device(classifier: nn.Module) -> tuple[torch.dtype, torch.device]:
-    if isinstance(classifier, DeepRenderingModel):
-        return classifier.dtype, classifier.device
-    for tensor in (*classifier.parameters(), *classifier.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-    return torch.get_default_dtype(), torch.device("cpu")
 
 
 # --- gradient attacks --------------------------------------------------------------------------
@@ -272,7 +245,7 @@ def fgsm(
     """
     classifier = _check_classifier(classifier)
     x = _check_batch(classifier, x)
-    epsilon = _check_nonnegative(epsilon, "epsilon")
+    epsilon = check_nonnegative(epsilon, "epsilon")
     clamp = _check_range(clamp, x)
     labels, targeted = _attack_labels(y, target, x.shape[0])
     grad = _loss_gradient(classifier, x, labels, targeted)
@@ -311,9 +284,9 @@ def iterative_attack(
     """
     classifier = _check_classifier(classifier)
     x = _check_batch(classifier, x)
-    epsilon = _check_nonnegative(epsilon, "epsilon")
-    step = _check_nonnegative(step, "step", positive=True)
-    steps = _check_count(steps, "steps")
+    epsilon = check_nonnegative(epsilon, "epsilon")
+    step = check_nonnegative(step, "step", positive=True)
+    steps = check_count(steps, "steps")
     clamp = _check_range(clamp, x)
     labels, targeted = _attack_labels(y, target, x.shape[0])
     clean = x.detach()
@@ -354,9 +327,7 @@ def template_direction(
     x = check_images(model, x)
     target = check_classes(model, target, x.shape[0])
     with torch.no_grad():
-        if latents is None:
-            latents = max_sum(model, x)[1]
-        latents = check_latents(model, latents, x.shape[0])
+        latents = latents_or_max_sum(model, x, latents)
         mu = render(model, target, latents).detach()
         norm = mu.flatten(1).norm(dim=1)  # (B,)
         scale = torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(mu.dtype).tiny), 0)
@@ -374,7 +345,7 @@ def _alphas(alpha: float | Tensor, x: Tensor) -> Tensor:
         if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
             raise ValueError("alpha must be finite and >= 0")
         return values
-    return x.new_full((x.shape[0],), _check_nonnegative(alpha, "alpha"))
+    return x.new_full((x.shape[0],), check_nonnegative(alpha, "alpha"))
 
 
 def fool_with_template(
@@ -440,7 +411,7 @@ def minimal_template_alpha(
     x = check_images(model, x)
     target = check_classes(model, target, x.shape[0])
     clamp = _check_range(clamp, x)
-    tol = _check_nonnegative(tol, "tol", positive=True)
+    tol = check_nonnegative(tol, "tol", positive=True)
     direction = template_direction(model, x, target, latents)
     with torch.no_grad():
         if alpha_max is None:
@@ -502,21 +473,20 @@ def fooling_images(
         (B, C0, H, W) images, detached, in the classifier's dtype and on its device.
     """
     classifier = _check_classifier(classifier)
-    steps = _check_count(steps, "steps", minimum=0)
-    step_size = _check_nonnegative(step_size, "step_size", positive=True)
-    l2 = _check_nonnegative(l2, "l2")
+    steps = check_count(steps, "steps", minimum=0)
+    step_size = check_nonnegative(step_size, "step_size", positive=True)
+    l2 = check_nonnegative(l2, "l2")
     clamp = _check_range(clamp)
-    if input_shape is None:
-        input_shape = getattr(classifier, "input_shape", None)
-        if input_shape is None:
-            raise ValueError("input_shape is required for a classifier without .input_shape")
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
+    shape = input_shape_of(
+        classifier,
+        input_shape,
+        "input_shape is required for a classifier without .input_shape",
+        attribute=True,
+    )
     if not isinstance(target, Tensor) or target.ndim != 1 or target.shape[0] == 0:
         raise ValueError("target must be a non-empty (B,) int64 tensor of classes")
     target = _check_labels(target, target.shape[0], "target")
-    dtype, device = _model_dtype_device(classifier)
+    dtype, device = dtype_device(classifier)
     low, high = clamp if clamp is not None else (0.0, 1.0)
     noise = torch.rand((target.shape[0], *shape), generator=generator, dtype=torch.float64)
     x = (low + (high - low) * noise).to(device, dtype)
@@ -609,15 +579,17 @@ def drm_view(
         A `DRMView` of (B,) tensors (and the (B, C) scores, (B, C0, H, W) renderings).
     """
     x = check_images(model, x).detach()
-    max_sweeps = _check_count(max_sweeps, "max_sweeps")
+    max_sweeps = check_count(max_sweeps, "max_sweeps")
     with torch.no_grad():
         scores, latents = max_sum(model, x)
         scores = scores.detach()
         predicted = scores.argmax(1)
         classes = predicted if classes is None else check_classes(model, classes, x.shape[0])
         chosen = scores.gather(1, classes[:, None])[:, 0]  # (B,)
-        joint = log_joint(model, x, classes, latents).detach()
-        mu = render(model, classes, latents).detach()
+        # one top-down pass for both the rendering and the log-joint (`drm.log_joint`)
+        mu, log_prior = rendering_terms(model, classes, latents)
+        joint = gaussian_log_joint(model, x, mu, log_prior).detach()
+        mu = mu.detach()
         flat_x, flat_mu = x.flatten(1), mu.flatten(1)  # (B, D)
         error = ((flat_x - flat_mu) ** 2).sum(1)
         energy = (flat_mu**2).sum(1)
@@ -699,8 +671,8 @@ def default_attacks(
     step epsilon / 4 and `steps` steps; "template": `fool_with_template` toward the runner-up
     class with `minimal_template_alpha` (inf, i.e. unreachable, leaves the image unchanged).
     """
-    epsilon = _check_nonnegative(epsilon, "epsilon", positive=True)
-    steps = _check_count(steps, "steps")
+    epsilon = check_nonnegative(epsilon, "epsilon", positive=True)
+    steps = check_count(steps, "steps")
     clamp = _check_range(clamp)
 
     def fgsm_attack(model: DeepRenderingModel, x: Tensor, y: Tensor) -> Tensor:
@@ -711,10 +683,11 @@ def default_attacks(
 
     def template(model: DeepRenderingModel, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            runner_up = max_sum(model, x)[0].topk(2, dim=1).indices[:, 1]
-        alpha = minimal_template_alpha(model, x, runner_up, clamp=clamp)
+            scores, latents = max_sum(model, x)  # the clean images' inference, run once
+            runner_up = scores.topk(2, dim=1).indices[:, 1]
+        alpha = minimal_template_alpha(model, x, runner_up, latents=latents, clamp=clamp)
         alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
-        return fool_with_template(model, x, runner_up, alpha, clamp=clamp)
+        return fool_with_template(model, x, runner_up, alpha, latents=latents, clamp=clamp)
 
     return {"fgsm": fgsm_attack, "iterative": iterative, "template": template}
 

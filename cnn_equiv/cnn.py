@@ -13,7 +13,7 @@ References:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,39 @@ class CNNLatents:
     translations: list[Tensor]
     switch_layers: list[str]
     pool_layers: list[str]
+
+
+def input_shape_of(
+    net: object,
+    shape: Sequence[int] | None,
+    missing: str,
+    *,
+    name: str = "input_shape",
+    dims: str = "(C, H, W)",
+    attribute: bool = False,
+) -> tuple[int, ...]:
+    """`shape`, or else the input shape `net` carries, checked to be three positive sizes.
+
+    Args:
+        net: the network whose input shape is the default: an `EquivalentCNN`'s `input_shape`,
+            or with `attribute` that of any object with an `input_shape` attribute.
+        shape: the shape given by the caller, or None for the default.
+        missing: the ValueError message when `shape` is None and `net` has no input shape.
+        name, dims: how the ValueError for a malformed shape names the argument and its form.
+    """
+    if shape is None:
+        default = (
+            getattr(net, "input_shape", None)
+            if attribute or isinstance(net, EquivalentCNN)
+            else None
+        )
+        if default is None:
+            raise ValueError(missing)
+        shape = default
+    sizes = tuple(int(s) for s in shape)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"{name} must be {dims} with positive sizes, got {sizes}")
+    return sizes
 
 
 def iter_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

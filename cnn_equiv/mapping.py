@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from cnn_equiv.cnn import EquivalentCNN, iter_layers
+from cnn_equiv.cnn import EquivalentCNN, input_shape_of, iter_layers
 from drm.config import AvgPoolSpec, ConvSpec, DenseSpec, MaxPoolSpec, SwitchSpec, as_pair
 from drm.levels import AvgPool, Classes, Conv, Dense, Flatten, Level, MaxPool, Switch
 from drm.model import DeepRenderingModel
@@ -197,13 +197,9 @@ def to_drm(
         raise TypeError(
             f"to_drm expects an nn.Sequential of {SUPPORTED_LAYERS}; got {type(cnn).__name__}"
         )
-    if input_shape is None:
-        if not isinstance(cnn, EquivalentCNN):
-            raise ValueError("to_drm needs input_shape=(C, H, W) for a plain nn.Sequential")
-        input_shape = cnn.input_shape
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
+    shape = input_shape_of(
+        cnn, input_shape, "to_drm needs input_shape=(C, H, W) for a plain nn.Sequential"
+    )
     if not float(sigma2) > 0:
         raise ValueError(f"sigma2 must be > 0, got {sigma2}")
 

@@ -60,8 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnn_equiv.cnn import EquivalentCNN, iter_layers
-from drm.inference import max_sum
+from cnn_equiv._checks import check_count, check_nonnegative, dtype_device
+from cnn_equiv.cnn import input_shape_of, iter_layers
+from drm.inference import latents_or_max_sum, max_sum
 from drm.levels import (
     SWITCH_RULES,
     AvgPool,
@@ -121,24 +122,6 @@ def _check_level_index(model: DeepRenderingModel, level_index: object) -> int:
             f"got {level_index}"
         )
     return level_index
-
-
-def _check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
-
-
-def _check_nonnegative(value: object, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(
-            f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}"
-        )
-    return float(value)
 
 
 def _output_shape(model: DeepRenderingModel, level_index: int) -> tuple[int, ...]:
@@ -254,9 +237,7 @@ def project(
         size = math.prod(_output_shape(model, level_index))
         units = _unit_indices(unit.flat_index, size, batch, model.device)
     with torch.no_grad():
-        if latents is None:
-            latents = max_sum(model, x)[1]
-        latents = check_latents(model, latents, batch)
+        latents = latents_or_max_sum(model, x, latents)
         return _walk_down(model, _one_hot(model, level_index, units), level_index, latents, rule)
 
 
@@ -264,22 +245,34 @@ class _StopForward(Exception):
     """Raised by a forward hook once the wanted layer has run (nothing above it is needed)."""
 
 
-def _layer_output(cnn: nn.Module, x: Tensor, layer_index: int) -> Tensor:
-    """The output of leaf layer `layer_index` of `cnn` (in `iter_layers` order; -1: x itself)."""
+def _leaf_layer(cnn: nn.Module, layer_index: int) -> nn.Module | None:
+    """Leaf layer `layer_index` of `cnn` (in `iter_layers` order); None for -1 (x itself)."""
     if layer_index == -1:
-        return x
+        return None
     layers = [layer for _, layer in iter_layers(cnn)]
     if not 0 <= layer_index < len(layers):
         raise ValueError(
             f"layer index must lie in [-1, {len(layers)}) for this CNN, got {layer_index}"
         )
+    return layers[layer_index]
+
+
+def _layer_output(cnn: nn.Module, x: Tensor, layer_index: int) -> Tensor:
+    """The output of leaf layer `layer_index` of `cnn` (in `iter_layers` order; -1: x itself)."""
+    return _run_to(cnn, x, _leaf_layer(cnn, layer_index), layer_index)
+
+
+def _run_to(cnn: nn.Module, x: Tensor, layer: nn.Module | None, layer_index: int) -> Tensor:
+    """The output of `layer` (`_leaf_layer(cnn, layer_index)`; None: x itself) for input x."""
+    if layer is None:
+        return x
     captured: list[Tensor] = []
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         captured.append(output)
         raise _StopForward
 
-    handle = layers[layer_index].register_forward_hook(hook)
+    handle = layer.register_forward_hook(hook)
     try:
         cnn(x)
     except _StopForward:
@@ -291,11 +284,15 @@ def _layer_output(cnn: nn.Module, x: Tensor, layer_index: int) -> Tensor:
     return captured[0]
 
 
-def _cnn_dtype_device(cnn: nn.Module) -> tuple[torch.dtype, torch.device]:
-    param = next(cnn.parameters(), None)
-    if param is None:
-        raise ValueError("the CNN has no parameters to take a dtype and device from")
-    return param.dtype, param.device
+def _cnn_input_shape(cnn: nn.Module, shape: Sequence[int] | None) -> tuple[int, ...]:
+    """(C0, H, W): `shape`, or the input shape of an `EquivalentCNN`."""
+    return input_shape_of(
+        cnn,
+        shape,
+        "shape=(C0, H, W) is needed for a CNN that is no EquivalentCNN",
+        name="shape",
+        dims="(C0, H, W)",
+    )
 
 
 def saliency(cnn: nn.Module, x: Tensor, target: Target) -> Tensor:
@@ -385,23 +382,17 @@ def maximize_class_score(
     """
     if not isinstance(cnn, nn.Module):
         raise TypeError(f"cnn must be a torch nn.Module, got {type(cnn).__name__}")
-    steps = _check_positive_int(steps, "steps", minimum=0)
-    lr = _check_nonnegative(lr, "lr", positive=True)
-    l2 = _check_nonnegative(l2, "l2")
-    init_scale = _check_nonnegative(init_scale, "init_scale")
-    dtype, device = _cnn_dtype_device(cnn)
+    steps = check_count(steps, "steps", minimum=0)
+    lr = check_nonnegative(lr, "lr", positive=True)
+    l2 = check_nonnegative(l2, "l2")
+    init_scale = check_nonnegative(init_scale, "init_scale")
+    dtype, device = dtype_device(cnn)
     if start is not None:
         if not isinstance(start, Tensor) or start.ndim != 4:
             raise TypeError("start must be a (B, C0, H, W) tensor")
         x = start.detach().to(device, dtype).clone()
     else:
-        if shape is None:
-            if not isinstance(cnn, EquivalentCNN):
-                raise ValueError("shape=(C0, H, W) is needed for a CNN that is no EquivalentCNN")
-            shape = cnn.input_shape
-        dims = tuple(int(s) for s in shape)
-        if len(dims) != 3 or min(dims) < 1:
-            raise ValueError(f"shape must be (C0, H, W) with positive sizes, got {dims}")
+        dims = _cnn_input_shape(cnn, shape)
         batch = c.shape[0] if isinstance(c, Tensor) and c.ndim == 1 else 1
         noise = torch.randn(batch, *dims, generator=generator, dtype=torch.float64)
         x = (init_scale * noise).to(device, dtype)
@@ -497,8 +488,8 @@ def map_rendering(
         `MapRendering(image, latents, trace, steps, converged)`.
     """
     model = _check_model(model)
-    steps = _check_positive_int(steps, "steps", minimum=0)
-    max_sweeps = _check_positive_int(max_sweeps, "max_sweeps")
+    steps = check_count(steps, "steps", minimum=0)
+    max_sweeps = check_count(max_sweeps, "max_sweeps")
     with torch.no_grad():
         if start is None:
             batch = c.shape[0] if isinstance(c, Tensor) and c.ndim == 1 else 1
@@ -751,7 +742,7 @@ def top_patches(
     if not 0 <= channel < shape[0]:
         raise ValueError(f"channel must lie in [0, {shape[0]}) for this level, got {channel}")
     per_image = math.prod(shape[1:])  # positions of the channel in one image (1 if flat)
-    k = _check_positive_int(k, "k")
+    k = check_count(k, "k")
     if k > images.shape[0] * per_image:
         raise ValueError(
             f"k={k} exceeds the {images.shape[0] * per_image} placements of the unit in the data"
@@ -896,10 +887,10 @@ def invert_by_optimization(
     Returns:
         `FeatureInversion(image, trace)`.
     """
-    steps = _check_positive_int(steps, "steps", minimum=0)
-    tv_weight = _check_nonnegative(tv_weight, "tv_weight")
-    lr = _check_nonnegative(lr, "lr", positive=True)
-    init_scale = _check_nonnegative(init_scale, "init_scale")
+    steps = check_count(steps, "steps", minimum=0)
+    tv_weight = check_nonnegative(tv_weight, "tv_weight")
+    lr = check_nonnegative(lr, "lr", positive=True)
+    init_scale = check_nonnegative(init_scale, "init_scale")
     if not isinstance(features_target, Tensor) or features_target.ndim < 2:
         raise TypeError("features_target must be a (B, ...) tensor")
     if isinstance(net, DeepRenderingModel):
@@ -914,21 +905,19 @@ def invert_by_optimization(
     elif isinstance(net, nn.Module):
         if isinstance(level_index, bool) or not isinstance(level_index, int):
             raise TypeError(f"level_index must be an int, got {type(level_index).__name__}")
-        if shape is None:
-            if not isinstance(net, EquivalentCNN):
-                raise ValueError("shape=(C0, H, W) is needed for a CNN that is no EquivalentCNN")
-            shape = net.input_shape
-        dims = tuple(int(s) for s in shape)
-        dtype, device = _cnn_dtype_device(net)
+        dims = _cnn_input_shape(net, shape)
+        dtype, device = dtype_device(net)
         cnn = net
+        # the layer is looked up once, at the first call (where a bad index has always raised)
+        layer: list[nn.Module | None] = []
 
         def phi(x: Tensor) -> Tensor:
-            return _layer_output(cnn, x, level_index)
+            if not layer:
+                layer.append(_leaf_layer(cnn, level_index))
+            return _run_to(cnn, x, layer[0], level_index)
 
     else:
         raise TypeError(f"net must be a DeepRenderingModel or nn.Module, got {type(net).__name__}")
-    if len(dims) != 3 or min(dims) < 1:
-        raise ValueError(f"shape must be (C0, H, W) with positive sizes, got {dims}")
     target = features_target.detach().to(device, dtype)
     norm2 = (target**2).flatten(1).sum(1)
     if bool((norm2 == 0).any()):
@@ -996,9 +985,7 @@ def invert_by_rendering(
     rule = _check_rule(rule)
     x0 = check_images(model, x0, "x0")
     with torch.no_grad():
-        if latents is None:
-            latents = max_sum(model, x0)[1]
-        latents = check_latents(model, latents, x0.shape[0])
+        latents = latents_or_max_sum(model, x0, latents)
         features = bottom_up_to(model, x0, level_index)
         return model.sigma2 * _walk_down(model, features, level_index, latents, rule)
 
@@ -1054,6 +1041,8 @@ def inversion_report(
         optimization_scale_invariant_error=[],
         optimization_objective=[],
     )
+    with torch.no_grad():
+        latents = max_sum(model, x0)[1]  # x0's CNN latents, shared by every level's rendering
     for level_index in level_indices:
         level_index = _check_level_index(model, level_index)
         table["level"].append(level_index)
@@ -1061,13 +1050,15 @@ def inversion_report(
             "Image" if level_index < 0 else type(model.levels[level_index]).__name__
         )
         table["features"].append(math.prod(_output_shape(model, level_index)))
-        rendered = invert_by_rendering(model, x0, level_index)
+        with torch.no_grad():
+            # the level's features: rendered down here (`invert_by_rendering`), and the target
+            # of the optimisation below
+            target = bottom_up_to(model, x0, level_index)
+            rendered = model.sigma2 * _walk_down(model, target, level_index, latents, "drm")
         table["rendering_error"].append(float(relative_error(rendered, x0).mean()))
         table["rendering_scale_invariant_error"].append(
             float(relative_error(rendered, x0, scale_invariant=True).mean())
         )
-        with torch.no_grad():
-            target = bottom_up_to(model, x0, level_index)
         kept = target.flatten(1).ne(0).any(1)  # (B,) images with some non-zero feature
         if not bool(kept.any()):
             table["optimization_error"].append(math.nan)

@@ -115,16 +115,16 @@ def load_npz(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    names = ("x_train", "y_train", "x_test", "y_test")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
-            if missing:
-                raise ValueError(f"{path} lacks arrays {sorted(missing)}")
-            arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            missing = set(names) - set(archive.files)
+            # nothing is read from an archive that lacks an array: that error comes first
+            arrays = {} if missing else {k: archive[k] for k in names}
     except (OSError, ValueError) as err:
-        if isinstance(err, ValueError) and "lacks arrays" in str(err):
-            raise
         raise ValueError(f"{path} is not a readable .npz file: {err}") from err
+    if missing:
+        raise ValueError(f"{path} lacks arrays {sorted(missing)}")
     x_train, y_train = validate(arrays["x_train"], arrays["y_train"], f"{path.name} train")
     x_test, y_test = validate(arrays["x_test"], arrays["y_test"], f"{path.name} test")
     if x_train.shape[1:] != x_test.shape[1:]:

@@ -17,9 +17,9 @@ This module holds:
   blocking forever; `destroy_process_group`.
 * `is_distributed`, `rank`, `world_size`, `local_rank`.
 * `all_reduce_` (in place, summed), `all_reduce_float`, `all_reduce_floats` (one collective for
-  a dict), `broadcast_module_` (parameters and buffers from rank 0), `barrier`,
-  `gather_errors` (every rank learns which ranks failed, and why), `shard` (this process's
-  contiguous part of a global index batch).
+  a dict), `reduce_together` (several tensors through one `Reduce` call), `broadcast_module_`
+  (parameters and buffers from rank 0), `barrier`, `gather_errors` (every rank learns which
+  ranks failed, and why), `shard` (this process's contiguous part of a global index batch).
 
 Without an initialised process group every helper is the single-process identity (rank 0 of 1),
 so callers need no branches.
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -55,6 +55,7 @@ __all__ = [
     "launched_by_torchrun",
     "local_rank",
     "rank",
+    "reduce_together",
     "shard",
     "teardown",
     "world_size",
@@ -168,6 +169,21 @@ def all_reduce_floats(values: Mapping[str, float]) -> dict[str, float]:
     keys = list(values)
     summed = all_reduce_(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
     return {k: float(v) for k, v in zip(keys, summed.tolist(), strict=True)}
+
+
+def reduce_together(tensors: Sequence[Tensor], reduce: Reduce) -> list[Tensor]:
+    """Every tensor's `reduce` (its sum over processes), with one call: one collective.
+
+    The tensors (one dtype and device) are flattened into one fresh tensor, reduced, and split
+    back; each result is a view of that tensor with its input's shape (clone a result that
+    should own its storage). Every process must pass the same shapes in the same order; no
+    tensors: no call.
+    """
+    if not tensors:
+        return []
+    flat = reduce(torch.cat([t.reshape(-1) for t in tensors]))
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view_as(t) for t, part in zip(tensors, parts, strict=True)]
 
 
 def broadcast_module_(module: nn.Module, src: int = 0) -> None:

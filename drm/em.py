@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drm.distributed import Reduce
+from drm.distributed import Reduce, reduce_together
 from drm.inference import max_sum, propagate_up
 from drm.levels import Conv, Dense, Switch
 from drm.model import DeepRenderingModel, Latents, check_classes, check_images, propagate_down
@@ -141,8 +141,7 @@ class DiscriminativeEM:
         # E-step: the fine-to-coarse max-sum pass. Its scores are the frozen-latent scores at its
         # own latents, with the same gradients (E9), so the pass doubles as the first M-step's
         # forward pass; the later M-steps rerun the network with the latents frozen.
-        scores, latents = max_sum(self.model, x)
-        latents = tuple(None if z is None else z.detach() for z in latents)
+        scores, latents = max_sum(self.model, x)  # bool / int64 latents: nothing to detach
         losses = []
         for m_step in range(self.m_steps):
             if m_step:
@@ -180,20 +179,13 @@ def sum_gradients(parameters: list[nn.Parameter], reduce: Reduce) -> None:
     if not parameters:
         return
     reference = parameters[0]
-    pieces = [
-        torch.zeros_like(p).flatten() if p.grad is None else p.grad.detach().flatten()
-        for p in parameters
-    ]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in parameters]
     present = torch.tensor(
         [p.grad is not None for p in parameters], dtype=reference.dtype, device=reference.device
     )  # (P,): how many processes have each gradient, after the sum
-    flat = reduce(torch.cat([*pieces, present]))
-    present = flat[-len(parameters) :]
-    offset = 0
-    for p, piece, count in zip(parameters, pieces, present.tolist(), strict=True):
-        summed = flat[offset : offset + piece.numel()].view_as(p)
-        offset += piece.numel()
-        p.grad = None if count == 0 else summed.clone()
+    *summed, present = reduce_together([*grads, present], reduce)
+    for p, total, count in zip(parameters, summed, present.tolist(), strict=True):
+        p.grad = None if count == 0 else total.clone()
 
 
 def conjugate_gradient(
@@ -303,9 +295,8 @@ class GenerativeEM:
         model = self.model
         level = model.levels[index]
         assert isinstance(level, (Conv, Dense))
-        with torch.no_grad():
-            signals = propagate_down(model, y, latents)
-        arriving = signals[index + 1]  # the top-down signal at the level's output, fixed
+        with torch.no_grad():  # the top-down signal at the level's output, fixed
+            arriving = propagate_down(model, y, latents, stop=index + 1)[0]
 
         def render(weight: Tensor) -> Tensor:
             """h^(0) with the level's templates replaced: linear in `weight`."""
@@ -358,21 +349,15 @@ class GenerativeEM:
         if self.reduce is None:
             return
         levels = list(self._on_counts)
-        flat = torch.cat(
-            [
-                self._class_counts,
-                torch.tensor(
-                    [self._on_counts[i] for i in levels]
-                    + [self._unit_counts[i] for i in levels]
-                    + [self._squared_residual, float(self._pixels)],
-                    dtype=torch.float64,
-                ),
-            ]
+        scalars = torch.tensor(
+            [self._on_counts[i] for i in levels]
+            + [self._unit_counts[i] for i in levels]
+            + [self._squared_residual, float(self._pixels)],
+            dtype=torch.float64,
         )
-        flat = self.reduce(flat)
-        classes = len(self._class_counts)
-        self._class_counts = flat[:classes].clone()
-        values = flat[classes:].tolist()
+        class_counts, scalars = reduce_together([self._class_counts, scalars], self.reduce)
+        self._class_counts = class_counts.clone()
+        values = scalars.tolist()
         self._on_counts = dict(zip(levels, values[: len(levels)], strict=True))
         self._unit_counts = dict(zip(levels, values[len(levels) : 2 * len(levels)], strict=True))
         self._squared_residual = values[-2]

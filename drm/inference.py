@@ -57,3 +57,12 @@ def propagate_up(model: DeepRenderingModel, x: Tensor, latents: Latents) -> Tens
     for level, latent in zip(model.levels, latents, strict=True):
         y = level.bottom_up_frozen(y, latent)
     return y
+
+
+def latents_or_max_sum(
+    model: DeepRenderingModel, x: Tensor, latents: Latents | None = None
+) -> Latents:
+    """The given `latents`, checked for a batch of x.shape[0] images, or else `max_sum`'s of x."""
+    if latents is None:
+        return max_sum(model, x)[1]
+    return check_latents(model, latents, x.shape[0])

@@ -288,12 +288,26 @@ def top_down(
 
 
 def propagate_down(
-    model: DeepRenderingModel, classes: Tensor, latents: Latents, rule: SwitchRule = "drm"
+    model: DeepRenderingModel,
+    classes: Tensor,
+    latents: Latents,
+    rule: SwitchRule = "drm",
+    *,
+    stop: int = 0,
 ) -> list[Tensor]:
-    """`top_down` without its input checks, for inner loops whose inputs are already valid."""
+    """`top_down` without its input checks, for inner loops whose inputs are already valid.
+
+    Args:
+        stop: in [0, len(levels)]; render only through levels[stop:], coarse to fine. The result
+            is `top_down`'s list from index `stop` on: result[k] arrives at the input of level
+            stop + k, result[-1] is the one-hot class indicator (stop = 0: the whole list).
+    """
+    levels = list(model.levels)
+    if not 0 <= stop <= len(levels):
+        raise ValueError(f"stop must lie in [0, {len(levels)}], got {stop}")
     g = torch.nn.functional.one_hot(classes, model.num_classes).to(model.dtype)
     signals = [g]
-    for level, latent in zip(reversed(model.levels), reversed(latents), strict=True):
+    for level, latent in zip(reversed(levels[stop:]), reversed(latents[stop:]), strict=True):
         g = level.top_down(g, latent, rule)
         signals.append(g)
     signals.reverse()

@@ -130,7 +130,11 @@ def pyro_program(
     Returns:
         program: a callable taking x (B, C0, H, W) and returning None.
     """
-    counts = check_enumerable(model, max_latent_units, max_configurations)
+    return _program(model, check_enumerable(model, max_latent_units, max_configurations))
+
+
+def _program(model: DeepRenderingModel, counts: dict[int, list[int]]) -> Program:
+    """`pyro_program` from the latent units' state counts of `check_enumerable`."""
     num_classes = model.num_classes
 
     def program(x: Tensor) -> None:
@@ -195,7 +199,7 @@ def pyro_map(
     """
     x = check_images(model, x)
     counts = check_enumerable(model, max_latent_units, max_configurations)
-    program = pyro_program(model, max_latent_units, max_configurations)
+    program = _program(model, counts)
     decoder = infer_discrete(
         config_enumerate(program), first_available_dim=_FIRST_ENUM_DIM, temperature=0
     )

@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drm.inference import max_sum, propagate_up
+from drm.inference import latents_or_max_sum, propagate_up
 from drm.levels import MaxPool, Switch
-from drm.model import DeepRenderingModel, Latents, check_classes, check_images, check_latents
+from drm.model import DeepRenderingModel, Latents, check_classes, check_images
 
 
 def level_inputs(model: DeepRenderingModel, x: Tensor, latents: Latents) -> list[Tensor]:
@@ -91,8 +91,7 @@ def refine_latents(
     if max_sweeps < 1:
         raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
     with torch.no_grad():
-        current = list(max_sum(model, x)[1] if latents is None else
-                       check_latents(model, latents, x.shape[0]))  # fmt: skip
+        current = list(latents_or_max_sum(model, x, latents))
         sweeps = 0
         for sweeps in range(1, max_sweeps + 1):  # noqa: B007 - reported below
             changed = False

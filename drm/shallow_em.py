@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drm.distributed import Reduce
+from drm.distributed import Reduce, reduce_together
 from drm.shallow import ShallowRenderingModel
 
 __all__ = [
@@ -86,7 +86,6 @@ _STAT = torch.float64  # every sufficient statistic is accumulated in float64
 _STATE_KEYS = frozenset(
     {"hard", "supervised", "min_variance", "prior_floor", "empty_weight", "epochs", "stats"}
 )
-_STAT_KEYS = ("images", "sum_sq", "counts", "on_weight", "weights", "sums", "log_lik", "map_lik")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,15 +213,32 @@ class ShallowEM:
         if not isinstance(model, ShallowRenderingModel):
             raise TypeError(f"model must be a ShallowRenderingModel, got {type(model).__name__}")
         self.model = model
-        self.hard = _check_flag(hard, "hard")
-        self.supervised = _check_flag(supervised, "supervised")
-        self.min_variance = _check_positive(min_variance, "min_variance")
-        self.prior_floor = _check_positive(prior_floor, "prior_floor")
+        self.hard, self.supervised, self.min_variance, self.prior_floor, self.empty_weight = (
+            self._check_options(model, hard, supervised, min_variance, prior_floor, empty_weight)
+        )
+        self.reduce: Reduce | None = reduce
+        self.epochs: int = 0  # completed M-steps
+        self._reset()
+
+    @staticmethod
+    def _check_options(
+        model: ShallowRenderingModel,
+        hard: object,
+        supervised: object,
+        min_variance: object,
+        prior_floor: object,
+        empty_weight: object,
+    ) -> tuple[bool, bool, float, float, float]:
+        """The validated (hard, supervised, min_variance, prior_floor, empty_weight)."""
+        hard_ = _check_flag(hard, "hard")
+        supervised_ = _check_flag(supervised, "supervised")
+        min_variance_ = _check_positive(min_variance, "min_variance")
+        prior_floor_ = _check_positive(prior_floor, "prior_floor")
         limit = 1.0 / max(model.num_classes, 2)
-        if not self.prior_floor < limit:
+        if not prior_floor_ < limit:
             raise ValueError(
                 f"prior_floor must be < 1 / max(C, 2) = {limit:.4g} so the floored priors can "
-                f"sum to 1, got {self.prior_floor}"
+                f"sum to 1, got {prior_floor_}"
             )
         if isinstance(empty_weight, bool) or not isinstance(empty_weight, numbers.Real):
             raise TypeError(
@@ -230,10 +246,7 @@ class ShallowEM:
             )
         if not (math.isfinite(float(empty_weight)) and float(empty_weight) >= 0):
             raise ValueError(f"empty_weight must be finite and >= 0, got {empty_weight}")
-        self.empty_weight: float = float(empty_weight)
-        self.reduce: Reduce | None = reduce
-        self.epochs: int = 0  # completed M-steps
-        self._reset()
+        return hard_, supervised_, min_variance_, prior_floor_, float(empty_weight)
 
     # ------------------------------------------------------------------------------------------
     # Accumulators
@@ -413,15 +426,8 @@ class ShallowEM:
         """
         m = self.model
         if self.reduce is not None:  # sum every process's statistics, in one collective
-            flat = self.reduce(torch.cat([v.flatten() for v in self._stats.values()]))
-            self._stats = {
-                k: part.view_as(v).clone()
-                for (k, v), part in zip(
-                    self._stats.items(),
-                    flat.split([v.numel() for v in self._stats.values()]),
-                    strict=True,
-                )
-            }
+            summed = reduce_together(list(self._stats.values()), self.reduce)
+            self._stats = {k: v.clone() for k, v in zip(self._stats, summed, strict=True)}
         s = self._stats
         n_images = float(s["images"])
         if n_images == 0:
@@ -500,8 +506,8 @@ class ShallowEM:
                 f"state must have keys {sorted(_STATE_KEYS)}, got {sorted(map(str, state))}"
             )
         stats = state["stats"]
-        if not isinstance(stats, dict) or set(stats) != set(_STAT_KEYS):
-            raise ValueError(f"state['stats'] must be a dict with keys {sorted(_STAT_KEYS)}")
+        if not isinstance(stats, dict) or set(stats) != set(self._stats):
+            raise ValueError(f"state['stats'] must be a dict with keys {sorted(self._stats)}")
         restored: dict[str, Tensor] = {}
         for key, want in self._stats.items():
             value = stats[key]
@@ -516,18 +522,16 @@ class ShallowEM:
                 raise ValueError(f"state['stats'][{key!r}] contains NaN or inf")
             restored[key] = value.to(dtype=_STAT, device=want.device).clone()
         epochs = _check_count(state["epochs"], "state['epochs']", 0)
-        # re-run the constructor's checks on the flags, then commit everything at once
-        checked = ShallowEM(
+        # the constructor's checks on the flags, then commit everything at once
+        options = self._check_options(
             self.model,
-            hard=state["hard"],
-            supervised=state["supervised"],
-            min_variance=state["min_variance"],
-            prior_floor=state["prior_floor"],
-            empty_weight=state["empty_weight"],
+            state["hard"],
+            state["supervised"],
+            state["min_variance"],
+            state["prior_floor"],
+            state["empty_weight"],
         )
-        self.hard, self.supervised = checked.hard, checked.supervised
-        self.min_variance, self.prior_floor = checked.min_variance, checked.prior_floor
-        self.empty_weight = checked.empty_weight
+        self.hard, self.supervised, self.min_variance, self.prior_floor, self.empty_weight = options
         self.epochs = epochs
         self._stats = restored
 

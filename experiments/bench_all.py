@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
 import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,14 +62,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import drm
 from cnn_equiv import SGDTrainer, to_cnn
 from drm.data import load_mnist
 from drm.em import DiscriminativeEM, GenerativeEM
 from drm.shallow_em import ShallowEM, init_from_class_means
-from experiments.bench_inference import tiny_model
+from experiments.bench_inference import interleaved, synchronize, tiny_model, tiny_patches
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNELS_LAST = torch.channels_last
@@ -77,45 +77,8 @@ MIB = 1024.0**2
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing
+# Timing (`interleaved` and `synchronize` live in experiments.bench_inference)
 # ----------------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved(
-    candidates: dict[str, Callable[[], object]],
-    rounds: int,
-    device: torch.device,
-    warmup: int = 2,
-    repeat: dict[str, int] | None = None,
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed round-robin.
-
-    Args:
-        candidates: name -> a call to time.
-        rounds: timed rounds (each candidate once per round).
-        warmup: untimed rounds first.
-        repeat: name -> calls per timed sample (for calls too short to time one by one).
-    """
-    repeat = repeat or {}
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for r in range(warmup + rounds):
-        for name, run in candidates.items():
-            n = repeat.get(name, 1)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(n):
-                run()
-            synchronize(device)
-            elapsed = (time.perf_counter() - start) / n
-            if r >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _cpu_snapshot() -> tuple[float, float, float, float] | None:
@@ -212,6 +175,14 @@ def deep_model(depth: int, width: int, device: torch.device) -> drm.DeepRenderin
     return drm.DeepRenderingModel.from_config(config, seed=0).to(device)
 
 
+def train_batches(data: Any, b: int, n: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """The first `n` training minibatches of `b` real images and labels, on `device`."""
+    return [
+        (data.x_train[i : i + b].to(device), data.y_train[i : i + b].to(device))
+        for i in range(0, b * n, b)
+    ]
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
@@ -263,22 +234,17 @@ def throughput(args: argparse.Namespace, data: Any, device: torch.device) -> lis
 
     # training steps: each candidate trains its own copy, on the same real minibatches
     b = args.train_batch
-    batches = [
-        (data.x_train[i : i + b].to(device), data.y_train[i : i + b].to(device))
-        for i in range(0, b * args.train_batches, b)
-    ]
+    batches = train_batches(data, b, args.train_batches, device)
     trainers: dict[str, Any] = {}
     for k, m in models.items():
         trainers[f"SGD step (Adam)/{k}"] = SGDTrainer(copy.deepcopy(m))
         trainers[f"DEM step, 1 M-step/{k}"] = DiscriminativeEM(copy.deepcopy(m), m_steps=1)
         trainers[f"DEM step, 3 M-steps/{k}"] = DiscriminativeEM(copy.deepcopy(m), m_steps=3)
         trainers[f"generative EM step/{k}"] = GenerativeEM(copy.deepcopy(m))
-    counter = dict.fromkeys(trainers, 0)
+    streams = {name: itertools.cycle(batches) for name in trainers}
 
     def train_step(name: str) -> None:
-        xb, yb = batches[counter[name] % len(batches)]
-        counter[name] += 1
-        trainers[name].step(xb, yb)
+        trainers[name].step(*next(streams[name]))
 
     seconds = interleaved(
         {k: partial(train_step, k) for k in trainers}, args.train_rounds, device, args.warmup
@@ -309,8 +275,7 @@ def throughput(args: argparse.Namespace, data: Any, device: torch.device) -> lis
 
     # exact MAP by enumeration on a tiny model (float64): the oracle, not a method
     tiny = tiny_model(args.tiny_width).to(device)
-    w = args.tiny_width
-    patches = data.x_test[: args.tiny_images, :, 12:15, 10 : 10 + w].to(device, torch.float64)
+    patches = tiny_patches(data, args.tiny_width, args.tiny_images).to(device)
     with torch.inference_mode():
         seconds = interleaved(
             {
@@ -540,21 +505,17 @@ def hot_paths(args: argparse.Namespace, data: Any, device: torch.device) -> dict
     """torch.profiler breakdown of a DEM step, a generative EM step and exact_map."""
     model = lenet(device)
     b = args.train_batch
-    batches = [
-        (data.x_train[i : i + b].to(device), data.y_train[i : i + b].to(device))
-        for i in range(0, b * args.train_batches, b)
-    ]
+    batches = train_batches(data, b, args.train_batches, device)
     result: dict[str, Any] = {"train_batch": b, "tiny_images": args.tiny_images}
     # generative EM steps are ~20x longer (and hold ~20x more profiler events): fewer of them
     for name, trainer, calls in (
         ("DEM step, 1 M-step", DiscriminativeEM(copy.deepcopy(model)), args.profile_calls),
         ("generative EM step", GenerativeEM(copy.deepcopy(model)), max(1, args.profile_calls // 4)),
     ):
-        counter = iter(range(1 << 30))
+        stream = itertools.cycle(batches)
 
-        def step(trainer: Any = trainer, counter: Any = counter) -> None:
-            xb, yb = batches[next(counter) % len(batches)]
-            trainer.step(xb, yb)
+        def step(trainer: Any = trainer, stream: Any = stream) -> None:
+            trainer.step(*next(stream))
 
         result[name] = op_profile(step, device, calls)
     # a smaller tiny model than section 1's: the profiler keeps an event per op call, and
@@ -563,7 +524,7 @@ def hot_paths(args: argparse.Namespace, data: Any, device: torch.device) -> dict
     w = min(args.tiny_width, 7)
     tiny = tiny_model(w).to(device)
     result["tiny_configurations"] = drm.num_configurations(tiny)
-    patches = data.x_test[: args.tiny_images, :, 12:15, 10 : 10 + w].to(device, torch.float64)
+    patches = tiny_patches(data, w, args.tiny_images).to(device)
     with torch.inference_mode():
         result["exact_map, tiny model"] = op_profile(
             partial(drm.exact_map, tiny, patches), device, 1
@@ -961,7 +922,7 @@ def format_table(results: dict[str, Any]) -> str:
             )
     lines += ["", f"(whole run: {results['seconds']:.0f} s)"]
     load = results.get("load", {})
-    if all(load.get(k) for k in ("throughput", "peak", "hot_paths", "memory", "scaling")):
+    if load and all(load.values()):
         lines.append(
             "Other processes' CPU use during each section (average cores; ~0 on a quiet machine): "
             + ", ".join(
@@ -1037,4 +998,3 @@ if __name__ == "__main__":
         plot_scaling(
             outcome["scaling"], arguments.json.with_name(arguments.json.stem + "_scaling.png")
         )
-    sys.exit(0)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -33,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import drm
 from cnn_equiv import to_cnn
-from drm.data import load_mnist
+from drm.data import Dataset, load_mnist
 from drm.pyro_model import pyro_map
 
 
@@ -52,16 +51,39 @@ def plain_lenet(widths: tuple[int, int, int], inplace: bool = False) -> nn.Seque
     )  # fmt: skip
 
 
-def interleaved_medians(
-    candidates: dict[str, Callable[[], object]], rounds: int, warmup: int = 2
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], object]],
+    rounds: int,
+    device: torch.device,
+    warmup: int = 2,
+    repeat: dict[str, int] | None = None,
 ) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed round-robin."""
+    """Median seconds per call of each candidate, timed round-robin.
+
+    Args:
+        candidates: name -> a call to time.
+        rounds: timed rounds (each candidate once per round).
+        device: waited for (`synchronize`) before and after each timed sample.
+        warmup: untimed rounds first.
+        repeat: name -> calls per timed sample (for calls too short to time one by one).
+    """
+    repeat = repeat or {}
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for r in range(warmup + rounds):
         for name, run in candidates.items():
+            n = repeat.get(name, 1)
+            synchronize(device)
             start = time.perf_counter()
-            run()
-            elapsed = time.perf_counter() - start
+            for _ in range(n):
+                run()
+            synchronize(device)
+            elapsed = (time.perf_counter() - start) / n
             if r >= warmup:
                 times[name].append(elapsed)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -70,19 +92,9 @@ def interleaved_medians(
 def time_candidates(
     candidates: dict[str, Callable[[], object]], rounds: int, device: torch.device
 ) -> dict[str, float]:
-    """Interleaved medians in inference mode, waiting for the GPU after each call."""
-
-    def synced(fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return out
-
-        return run
-
+    """Interleaved medians in inference mode, waiting for the device around each call."""
     with torch.inference_mode():
-        return interleaved_medians({k: synced(f) for k, f in candidates.items()}, rounds)
+        return interleaved(candidates, rounds, device)
 
 
 def tiny_model(width: int, seed: int = 0) -> drm.DeepRenderingModel:
@@ -91,6 +103,12 @@ def tiny_model(width: int, seed: int = 0) -> drm.DeepRenderingModel:
         (1, 3, width), 10, (drm.ConvSpec(1, 2), drm.SwitchSpec(), drm.FlattenSpec())
     )
     return drm.DeepRenderingModel.from_config(config, seed=seed, dtype=torch.float64)
+
+
+def tiny_patches(data: Dataset, width: int, n: int) -> Tensor:
+    """The (n, 1, 3, width) test-image patches `tiny_model(width)` takes (rows 12-14, columns
+    10 to 10 + width), in float64."""
+    return data.x_test[:n, :, 12:15, 10 : 10 + width].to(torch.float64)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,24 +149,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- exact oracles on tiny models (real MNIST patches, float64, CPU) --------------------
     tiny = tiny_model(args.tiny_width)
-    patches = data.x_test[: args.tiny_images, :, 12:15, 10 : 10 + args.tiny_width].to(torch.float64)
+    patches = tiny_patches(data, args.tiny_width, args.tiny_images)
     with torch.inference_mode():
-        tiny_seconds = interleaved_medians(
+        tiny_seconds = interleaved(
             {
                 "max_sum": lambda: drm.max_sum(tiny, patches),
                 "exact_map": lambda: drm.exact_map(tiny, patches),
             },
             rounds=max(1, args.rounds // 4),
+            device=torch.device("cpu"),
             warmup=1,
         )
     start = time.perf_counter()
     pyro_map(tiny, patches)
     tiny_seconds["pyro_map"] = time.perf_counter() - start
     largest = tiny_model(args.tiny_width + 1)
-    wider = data.x_test[: args.tiny_images, :, 12:15, 10 : 11 + args.tiny_width]
+    wider = tiny_patches(data, args.tiny_width + 1, args.tiny_images)
     start = time.perf_counter()
     with torch.inference_mode():
-        drm.exact_map(largest, wider.to(torch.float64))
+        drm.exact_map(largest, wider)
     largest_seconds = time.perf_counter() - start
     n = patches.shape[0]
     results["tiny"] = {
@@ -223,5 +242,5 @@ if __name__ == "__main__":
     outcome = main(arguments)
     print(format_table(outcome))
     if arguments.json:
+        arguments.json.parent.mkdir(parents=True, exist_ok=True)
         arguments.json.write_text(json.dumps(outcome, indent=2))
-    sys.exit(0)

@@ -45,14 +45,11 @@ import drm
 from cnn_equiv import to_cnn, to_drm
 from cnn_equiv.attacks import (
     DETECTION_STATISTICS,
+    default_attacks,
     detection_auc,
     detection_report,
     drm_view,
-    fgsm,
-    fool_with_template,
     fooling_images,
-    iterative_attack,
-    minimal_template_alpha,
 )
 from cnn_equiv.visualize import (
     Unit,
@@ -71,6 +68,7 @@ from drm.data import Dataset, load_digits, load_mnist
 from drm.refine import refine_latents
 from experiments import train
 from experiments._html import Report
+from experiments.demo import TINY_PATCH_CONFIG
 
 
 class ReportError(Exception):
@@ -132,7 +130,7 @@ def conv_levels(model: drm.DeepRenderingModel) -> list[int]:
 
 
 def section_projections(report: Report, model: drm.DeepRenderingModel, cnn: nn.Module,
-                        x: Tensor, sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
+                        x: Tensor) -> dict[str, float]:  # fmt: skip
     report.heading("1. Top-down projections: the DRM rendering is the input gradient")
     classes = predicted(model, x)
     maps = {rule: project(model, x, classes, rule=rule) for rule in ("drm", "deconvnet", "guided")}
@@ -213,7 +211,7 @@ def section_units(report: Report, model: drm.DeepRenderingModel, data: Dataset,
 def section_inversion(report: Report, model: drm.DeepRenderingModel, x: Tensor,
                       sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
     report.heading("4. Feature inversion, layer by layer")
-    levels = [-1, *[i for i, lv in enumerate(model.levels[i] for i in range(len(model.levels)))
+    levels = [-1, *[i for i, lv in enumerate(model.levels)
                     if not isinstance(lv, (drm.Flatten, drm.Classes))]]  # fmt: skip
     table = inversion_report(model, x, levels, steps=sizes["inversion_steps"], lr=0.05,
                              generator=torch.Generator().manual_seed(1))  # fmt: skip
@@ -255,19 +253,10 @@ def section_attacks(report: Report, model: drm.DeepRenderingModel, data: Dataset
     report.heading("5. Breaking the CNN, and what the DRM sees")
     x, y = data.x_test[: sizes["attack_images"]], data.y_test[: sizes["attack_images"]]
     eps = 0.1
-    runner_up = lambda m, images: drm.max_sum(m, images)[0].detach().topk(2, 1).indices[:, 1]  # noqa: E731
-
-    def template_attack(m: Any, images: Tensor, labels: Tensor) -> Tensor:
-        target = runner_up(m, images)
-        alpha = minimal_template_alpha(m, images, target, clamp=(0.0, 1.0))
-        alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
-        return fool_with_template(m, images, target, alpha, clamp=(0.0, 1.0))
-
-    attacks = {
-        f"FGSM eps={eps}": lambda m, a, b: fgsm(m, a, b, eps),
-        f"BIM eps={eps}, 10 steps": lambda m, a, b: iterative_attack(m, a, b, eps, eps / 4, 10),
-        "other class's template": template_attack,
-    }
+    # FGSM, BIM (step eps / 4, 10 steps) and the minimal template attack toward the runner-up
+    # class, under the report's labels
+    names = (f"FGSM eps={eps}", f"BIM eps={eps}, 10 steps", "other class's template")
+    attacks = dict(zip(names, default_attacks(eps, 10).values(), strict=True))
     detection = detection_report(model, x, y, attacks)
     fooled = fooling_images(model, torch.arange(data.num_classes), sizes["fooling_steps"],
                             generator=torch.Generator().manual_seed(3))  # fmt: skip
@@ -308,23 +297,22 @@ def section_attacks(report: Report, model: drm.DeepRenderingModel, data: Dataset
 def section_refinement(report: Report, model: drm.DeepRenderingModel, data: Dataset,
                        sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
     report.heading("6. Inference beyond the CNN: refining the latents top-down")
-    # a tiny model on real 4x4 digit patches, where the exact MAP is computable
-    config = drm.ModelConfig((1, 4, 4), 3, (drm.ConvSpec(2, 2, stride=2), drm.SwitchSpec(),
-                             drm.MaxPoolSpec(2, 1), drm.FlattenSpec(), drm.DenseSpec(2),
-                             drm.SwitchSpec()))  # fmt: skip
-    tiny = drm.DeepRenderingModel.from_config(config, seed=0, dtype=torch.float64)
+    # a tiny model on real 4x4 digit patches, where the exact MAP is computable: each class's
+    # exact inference gap and the part of it the refinement closes (drm_view)
+    tiny = drm.DeepRenderingModel.from_config(TINY_PATCH_CONFIG, seed=0, dtype=torch.float64)
     patches = load_digits().x_test[:32, :, 2:6, 2:6].to(torch.float64).contiguous()
-    with torch.no_grad():
-        scores, _ = drm.max_sum(tiny, patches)
-        exact = drm.exact_map(tiny, patches)[0] + drm.logit_offset(tiny, patches)[:, None]
-    refined = torch.stack([refine_latents(tiny, patches, torch.full((32,), c))[1]
-                           for c in range(3)], 1)  # fmt: skip
-    gap, closed = (exact - scores).sum(), (refined - scores).sum()
+    exact_gaps, lower_bounds = [], []
+    for c in range(3):
+        view = drm_view(tiny, patches, torch.full((32,), c), exact=True)
+        assert view.exact_gap is not None  # exact=True
+        exact_gaps.append(view.exact_gap)
+        lower_bounds.append(view.gap_lower_bound)
+    gap, closed = torch.stack(exact_gaps, 1).sum(), torch.stack(lower_bounds, 1).sum()
     # the trained model: refine every class's latents, see whether the MAP class changes
     x = data.x_test[: sizes["refine_images"]]
     with torch.no_grad():
-        cnn_scores = drm.max_sum(model, x)[0]
-    refined_scores = torch.stack([refine_latents(model, x, torch.full((len(x),), c))[1]
+        cnn_scores, cnn_latents = drm.max_sum(model, x)
+    refined_scores = torch.stack([refine_latents(model, x, torch.full((len(x),), c), cnn_latents)[1]
                                   for c in range(model.num_classes)], 1)  # fmt: skip
     flips = refined_scores.argmax(1) != cnn_scores.argmax(1)
     changed = flips.double().mean()
@@ -344,10 +332,10 @@ def section_refinement(report: Report, model: drm.DeepRenderingModel, data: Data
     shown = torch.nonzero(flips)[:4, 0]
     if len(shown):
         cnn_class, new_class = cnn_scores.argmax(1)[shown], refined_scores.argmax(1)[shown]
-        _, cnn_latents = drm.max_sum(model, x[shown])
-        new_latents = refine_latents(model, x[shown], new_class)[0]
+        shown_latents = tuple(None if z is None else z[shown] for z in cnn_latents)
+        new_latents = refine_latents(model, x[shown], new_class, shown_latents)[0]
         with torch.no_grad():
-            before = drm.render(model, cnn_class, cnn_latents)
+            before = drm.render(model, cnn_class, shown_latents)
             after = drm.render(model, new_class, new_latents)
         report.grid(
             "refinement", [[x[i], before[j], after[j]] for j, i in enumerate(shown.tolist())],
@@ -401,7 +389,7 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     timings: dict[str, float] = {}
     sections = [
         ("projections", lambda: section_projections(report, model, cnn,
-                                                     x[: sizes["projection_images"]], sizes)),
+                                                     x[: sizes["projection_images"]])),
         ("class models", lambda: section_class_models(report, model, cnn, data, sizes)),
         ("units", lambda: section_units(report, model, data, sizes)),
         ("inversion", lambda: section_inversion(report, model, x[: sizes["inversion_images"]],

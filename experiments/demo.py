@@ -30,6 +30,15 @@ import drm
 from cnn_equiv import compare_views, to_drm
 from drm.data import load_digits
 
+# A tiny model of real 4x4 digit patches whose exact MAP is computable by enumeration (16,384
+# latent configurations x 3 classes); also used by experiments.compare_views.
+TINY_PATCH_CONFIG = drm.ModelConfig(
+    (1, 4, 4),
+    3,
+    (drm.ConvSpec(2, 2, stride=2), drm.SwitchSpec(), drm.MaxPoolSpec(2, 1), drm.FlattenSpec(),
+     drm.DenseSpec(2), drm.SwitchSpec()),
+)  # fmt: skip
+
 
 def train_digits_cnn(steps: int, seed: int) -> tuple[nn.Sequential, drm.data.Dataset, float]:
     """A small CNN trained on the 8x8 digits; returns (cnn in eval mode, data, test accuracy)."""
@@ -57,16 +66,12 @@ def train_digits_cnn(steps: int, seed: int) -> tuple[nn.Sequential, drm.data.Dat
 
 def tiny_patch_gaps(data: drm.data.Dataset, seed: int) -> dict[str, float]:
     """Max-sum against brute force on real 4x4 digit patches, with and without E3's condition."""
-    config = drm.ModelConfig(
-        (1, 4, 4),
-        3,
-        (drm.ConvSpec(2, 2, stride=2), drm.SwitchSpec(), drm.MaxPoolSpec(2, 1), drm.FlattenSpec(),
-         drm.DenseSpec(2), drm.SwitchSpec()),
-    )  # fmt: skip
     patches = data.x_test[:32, :, 2:6, 2:6].contiguous()
     gaps = {}
     for nonnegative in (True, False):
-        model = drm.DeepRenderingModel.from_config(config, seed=seed, dtype=torch.float64)
+        model = drm.DeepRenderingModel.from_config(
+            TINY_PATCH_CONFIG, seed=seed, dtype=torch.float64
+        )
         if nonnegative:
             with torch.no_grad():
                 for level in list(model.levels)[2:]:

@@ -72,7 +72,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib
 import json
 import math
 import os
@@ -93,13 +92,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 import drm
-import drm.em
 from cnn_equiv import SGDTrainer
 from drm import distributed
 from drm.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from drm.data import Dataset, load_digits, load_mnist, load_npz
-from drm.em import DiscriminativeEM, Trainer
+from drm.em import DiscriminativeEM, GenerativeEM, Trainer
 from drm.shallow import ShallowRenderingModel
+from drm.shallow_em import ShallowEM, init_from_class_means, init_from_kmeans
 
 CHECKPOINT = "model.safetensors"
 METRICS = "metrics.json"
@@ -249,25 +248,15 @@ def build_model(
         raise RunError(f"--model {args.model} does not fit images {shape}: {err}") from err
 
 
-def _shallow_em() -> Any:
-    try:
-        return importlib.import_module("drm.shallow_em")
-    except ImportError as err:  # the module is optional until it lands
-        raise RunError(f"--model shallow needs drm.shallow_em, not importable: {err}") from err
-
-
 def shallow_init(args: argparse.Namespace, data: Dataset) -> ShallowRenderingModel:
     """A shallow model started from k-means (seeded) or from the class means of the train set."""
-    module = _shallow_em()
     size = None if args.template_size is None else (args.template_size, args.template_size)
     common = {"translation": args.translation, "template_size": size}
     if args.init == "class-means":
-        model = module.init_from_class_means(data.x_train, data.y_train, data.num_classes, **common)
+        model = init_from_class_means(data.x_train, data.y_train, data.num_classes, **common)
     else:
         generator = torch.Generator().manual_seed(args.seed)
-        model = module.init_from_kmeans(
-            data.x_train, data.num_classes, generator=generator, **common
-        )
+        model = init_from_kmeans(data.x_train, data.num_classes, generator=generator, **common)
     assert isinstance(model, ShallowRenderingModel)
     return model
 
@@ -288,17 +277,10 @@ def build_trainer(args: argparse.Namespace, model: Any) -> Trainer:
             model, m_steps=args.m_steps, optimizer=args.optimizer, lr=args.lr, reduce=reduce
         )
     if shallow:
-        trainer: Trainer = _shallow_em().ShallowEM(
-            model, hard=args.hard, supervised=not args.unsupervised, reduce=reduce
-        )
-        return trainer
-    generative = getattr(drm.em, "GenerativeEM", None)
-    if generative is None:  # the class is optional until it lands
-        raise RunError("--algo em with a deep model needs drm.em.GenerativeEM, not available")
-    trainer = generative(
+        return ShallowEM(model, hard=args.hard, supervised=not args.unsupervised, reduce=reduce)
+    return GenerativeEM(
         model, cg_iterations=args.cg_iterations, step_size=args.em_step_size, reduce=reduce
     )
-    return trainer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,22 +35,14 @@ from cnn_equiv.attacks import (
 )
 from drm import DenseSpec, FlattenSpec, ModelConfig
 from drm.data import Dataset, load_digits
-from tests.architectures import ARCHITECTURES, TINY_ARCHITECTURES, build, images
+from drm.em import accuracy
+from tests.architectures import ARCHITECTURES, TINY_ARCHITECTURES, build, fit_digits, images
 
 IDENTITY_TOL = 1e-10  # float64 identities
 BOX_TOL = 1e-12  # |x_adv - x| <= epsilon up to the rounding of x + epsilon
 BISECTION_TOL = 1e-4  # the `tol` handed to minimal_template_alpha
 AUC_TOL = 1e-12  # rank formula against sklearn
 LSTSQ_SCALE_TOL = 1e-9  # a ratio of two sums of ~800 terms against LAPACK's lstsq, float64
-
-
-def _accuracy(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        if isinstance(classifier, drm.DeepRenderingModel):
-            logits = drm.max_sum(classifier, x)[0]
-        else:
-            logits = classifier(x)
-        return float((logits.argmax(1) == y).double().mean())
 
 
 def _autograd_direction(cnn: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -75,14 +67,7 @@ def digits() -> tuple[nn.Sequential, drm.DeepRenderingModel, Dataset]:
         nn.Flatten(),
         nn.Linear(64, 10),
     ).double()
-    optimizer = torch.optim.Adam(cnn.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(302)
-    for _ in range(200):
-        batch = torch.randint(0, data.x_train.shape[0], (64,), generator=generator)
-        loss = F.cross_entropy(cnn(data.x_train[batch]), data.y_train[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_digits(cnn, data, steps=200, seed=302)
     cnn.eval()
     for parameter in cnn.parameters():
         parameter.requires_grad_(False)
@@ -140,17 +125,17 @@ def test_fgsm_breaks_the_trained_digits_cnn(
 ) -> None:
     cnn, model, data = digits
     x, y = data.x_test, data.y_test
-    clean = _accuracy(cnn, x, y)
+    clean = accuracy(cnn, x, y)
     assert clean > 0.9  # a real classifier (observed 0.978)
     on_model = fgsm(model, x, y, 0.2)
     on_cnn = fgsm(cnn, x, y, 0.2)
     # the DRM's scores are the CNN's logits minus a constant (eq. 12): the same attack
     assert float((on_model - on_cnn).abs().max()) <= IDENTITY_TOL
-    assert _accuracy(cnn, on_model, y) < 0.5 * clean  # observed 0.036
+    assert accuracy(cnn, on_model, y) < 0.5 * clean  # observed 0.036
     # targeted: most images go where they are sent
     target = (y + 1) % 10
     sent = fgsm(model, x, y, 0.3, target=target)
-    assert _accuracy(cnn, sent, target) > 0.3  # observed 0.60
+    assert accuracy(cnn, sent, target) > 0.3  # observed 0.60
 
 
 # --- the iterative attack -------------------------------------------------------------------------
@@ -191,7 +176,7 @@ def test_iterative_attack_is_at_least_as_strong_as_fgsm(
             loss_fgsm = F.cross_entropy(cnn(one_step), y)
             loss_iterated = F.cross_entropy(cnn(iterated), y)
         assert float(loss_iterated) >= float(loss_fgsm)
-        assert _accuracy(cnn, iterated, y) <= _accuracy(cnn, one_step, y)
+        assert accuracy(cnn, iterated, y) <= accuracy(cnn, one_step, y)
     # one step of size epsilon from the clean image is FGSM (clamped to the ball: no change)
     assert torch.equal(iterative_attack(cnn, x, y, 0.1, 0.1, 1), fgsm(cnn, x, y, 0.1))
 
@@ -445,7 +430,7 @@ def test_detection_report_on_the_digits_cnn(
     clean_lj = -report.views["clean"].log_joint[correct]
     attacked_lj = -report.views["fgsm"].log_joint[fooled]
     assert report.auc["fgsm"]["log_joint"] == detection_auc(clean_lj, attacked_lj)
-    assert report.accuracy["clean"] == _accuracy(cnn, x, y)
+    assert report.accuracy["clean"] == accuracy(cnn, x, y)
     text = report.to_text()
     assert text.splitlines()[0].split()[:3] == ["attack", "accuracy", "n"]
     assert len(text.splitlines()) == 5

@@ -23,9 +23,7 @@ from tests.architectures import ARCHITECTURES, build, images
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_round_trip_is_exact(tmp_path: Path, name: str) -> None:
-    model = build(ARCHITECTURES[name], seed=81)
-    with torch.no_grad():
-        model.sigma2.fill_(0.3)
+    model = build(ARCHITECTURES[name], seed=81, sigma2=0.3)
     path = tmp_path / "model.safetensors"
     save_model(model, path, metadata={"epoch": "3"})
     loaded = load_model(path)

@@ -13,7 +13,7 @@ from torch import nn
 import drm
 from cnn_equiv import compare_views, record_latents, to_drm
 from drm.data import load_digits
-from tests.architectures import TINY_ARCHITECTURES, build
+from tests.architectures import TINY_ARCHITECTURES, build, fit_digits
 
 IDENTITY_TOL = 1e-10
 
@@ -35,14 +35,7 @@ def trained() -> tuple[nn.Sequential, drm.data.Dataset]:
         nn.LeakyReLU(0.05),
         nn.Linear(32, 10),
     ).double()
-    optimizer = torch.optim.Adam(cnn.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(62)
-    for _ in range(120):
-        batch = torch.randint(0, data.x_train.shape[0], (64,), generator=generator)
-        loss = nn.functional.cross_entropy(cnn(data.x_train[batch]), data.y_train[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_digits(cnn, data, steps=120, seed=62)
     return cnn.eval(), data
 
 

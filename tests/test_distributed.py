@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from drm.checkpoint import load_checkpoint
 from drm.em import DiscriminativeEM, GenerativeEM, sum_gradients
 from drm.shallow_em import ShallowEM
 from experiments import train
-from tests.architectures import ARCHITECTURES, build, images
+from tests.architectures import ARCHITECTURES, TRAIN_ALGORITHMS, build, images
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -59,32 +59,11 @@ F32_TOL = {"sgd": 1e-5, "dem": 1e-5, "em-deep": 1e-4, "em-shallow": 1e-6}
 # 151 images in batches of 15: shards of 8 and 7, and a last batch of 1 (rank 1's shard empty).
 DATA = ["--data", "digits", "--limit-train", "151", "--limit-test", "100", "--batch-size", "15"]
 ARGS = [*DATA, "--epochs", "2", "--threads", "1", "--no-progress"]
-ALGORITHMS = {
-    "sgd": ["--algo", "sgd"],
-    "dem": ["--algo", "dem", "--m-steps", "2"],
-    "em-deep": ["--algo", "em"],
-    "em-shallow": [
-        "--algo",
-        "em",
-        "--model",
-        "shallow",
-        "--translation",
-        "interior",
-        "--template-size",
-        "6",
-    ],  # fmt: skip
-}
 LAUNCH_TIMEOUT = 120  # seconds for one torchrun launch; a hang fails the test instead
 HANG_TIMEOUT = 3  # --dist-timeout of the hung-rank test, seconds
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread, as the subprocesses use (--threads 1), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the helpers -----------------------------------------------------------------------------
@@ -355,7 +334,7 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str]
     def get(name: str) -> Path:
         if name not in runs:
             out = tmp_path_factory.mktemp(f"torchrun-{name}")
-            done, _ = torchrun(out, [*ALGORITHMS[name], *ARGS, "--out", str(out / "run")])
+            done, _ = torchrun(out, [*TRAIN_ALGORITHMS[name], *ARGS, "--out", str(out / "run")])
             assert done.returncode == 0, done.stderr[-3000:]
             assert out.joinpath("run", "model.safetensors").is_file()
             runs[name] = out / "run"
@@ -368,12 +347,12 @@ def relative_gap(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp(min=1e-3))
 
 
-@pytest.mark.parametrize("name", list(ALGORITHMS))
+@pytest.mark.parametrize("name", list(TRAIN_ALGORITHMS))
 def test_two_processes_make_the_one_process_run(
     tmp_path: Path, two_process_runs: Callable[[str], Path], name: str
 ) -> None:
     two = two_process_runs(name)
-    one_process(tmp_path / "one", [*ALGORITHMS[name], *ARGS])
+    one_process(tmp_path / "one", [*TRAIN_ALGORITHMS[name], *ARGS])
     a = load_checkpoint(tmp_path / "one" / "model.safetensors")
     b = load_checkpoint(two / "model.safetensors")
     tol = F32_TOL[name]
@@ -429,7 +408,7 @@ def test_killed_rank_fails_the_run_and_resume_finishes_it(
     script.write_text(FAULT)
     out = tmp_path / "run"
     start = time.monotonic()
-    done, ranks = torchrun(tmp_path, ["kill", *ALGORITHMS["sgd"], *ARGS, "--out", str(out)],
+    done, ranks = torchrun(tmp_path, ["kill", *TRAIN_ALGORITHMS["sgd"], *ARGS, "--out", str(out)],
                            script=str(script))  # fmt: skip
     assert done.returncode != 0
     assert time.monotonic() - start < LAUNCH_TIMEOUT / 2
@@ -438,11 +417,11 @@ def test_killed_rank_fails_the_run_and_resume_finishes_it(
     assert_one_line(ranks[0], "rank 0/2", "--resume")
     assert json.loads((out / "metrics.json").read_text())[-1]["epoch"] == 1
     # without --resume, rank 0 refuses the directory and rank 1 hears of it: one line each
-    done, ranks = torchrun(tmp_path, [*ALGORITHMS["sgd"], *ARGS, "--out", str(out)])
+    done, ranks = torchrun(tmp_path, [*TRAIN_ALGORITHMS["sgd"], *ARGS, "--out", str(out)])
     assert done.returncode != 0
     assert_one_line(ranks[0], "already holds a run")
     assert_one_line(ranks[1], "rank 0 failed", "already holds a run")
-    done, _ = torchrun(tmp_path, [*ALGORITHMS["sgd"], *ARGS, "--out", str(out), "--resume"])
+    done, _ = torchrun(tmp_path, [*TRAIN_ALGORITHMS["sgd"], *ARGS, "--out", str(out), "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     a = load_checkpoint(two_process_runs("sgd") / "model.safetensors")
     b = load_checkpoint(out / "model.safetensors")
@@ -458,7 +437,7 @@ def test_hung_rank_times_out_instead_of_hanging(tmp_path: Path) -> None:
     script = tmp_path / "fault.py"
     script.write_text(FAULT)
     start = time.monotonic()
-    argv = ["hang", *ALGORITHMS["dem"], *ARGS, "--out", str(tmp_path / "run"),
+    argv = ["hang", *TRAIN_ALGORITHMS["dem"], *ARGS, "--out", str(tmp_path / "run"),
             "--dist-timeout", str(HANG_TIMEOUT)]  # fmt: skip
     done, ranks = torchrun(tmp_path, argv, script=str(script), timeout=60)
     assert done.returncode != 0

@@ -18,7 +18,7 @@ GPU_FLOAT32_TOL = 1e-4  # TF32 may be enabled for convolutions on Ampere and lat
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_max_sum_equals_the_cnn_on_cuda(name: str) -> None:
     model = build(ARCHITECTURES[name], seed=71).cuda()
-    x = images(build(ARCHITECTURES[name]), 8, seed=72).cuda()
+    x = images(model, 8, seed=72)
     scores, latents = drm.max_sum(model, x)
     torch.testing.assert_close(scores, to_cnn(model)(x), atol=GPU_FLOAT64_TOL, rtol=0)
     cpu_scores, _ = drm.max_sum(model.cpu(), x.cpu())

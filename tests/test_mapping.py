@@ -22,9 +22,7 @@ FLOAT32_TOL = 1e-5  # the same identity in float32 (logits ~ 1, single-precision
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_to_drm_of_to_cnn_reproduces_the_model(name: str) -> None:
-    model = build(ARCHITECTURES[name], seed=31)
-    with torch.no_grad():
-        model.sigma2.fill_(0.25)
+    model = build(ARCHITECTURES[name], seed=31, sigma2=0.25)
     back = to_drm(to_cnn(model), sigma2=0.25)
     assert back.config == model.config
     assert back.input_shape == model.input_shape

@@ -31,6 +31,7 @@ from drm.pyro_model import (
     unit_site,
 )
 from drm.reference import num_configurations
+from tests.architectures import images, make_nonnegative
 
 # float64 identities between two exact computations of the same max (sums of ~100 terms).
 PYRO_TOL = 1e-9
@@ -40,7 +41,7 @@ CLASS_MARGIN = 1e-6
 MIN_GAP = 0.1
 BATCH = 3
 
-ARCHITECTURES = {
+PYRO_ARCHITECTURES = {
     # conv with padding and stride, a non-overlapping pool, a LeakyReLU dense level; 2 channels.
     "conv_pad_stride": drm.ModelConfig(
         input_shape=(2, 4, 4),
@@ -97,25 +98,19 @@ SIGNS = ("signed", "nonnegative")
 
 def make_model(name: str, sign: str, seed: int = 0) -> drm.DeepRenderingModel:
     """A float64 model; "nonnegative" takes |W| for every template above the first latent level."""
-    model = drm.DeepRenderingModel.from_config(ARCHITECTURES[name], seed=seed, dtype=torch.float64)
+    model = drm.DeepRenderingModel.from_config(
+        PYRO_ARCHITECTURES[name], seed=seed, dtype=torch.float64
+    )
     # Scale the class templates up so the classes are well separated on random images.
     with torch.no_grad():
         model.classes.weight.mul_(3.0)
-        if sign == "nonnegative":
-            first_latent = min(model.latent_levels)
-            for level in list(model.levels)[first_latent + 1 :]:
-                if isinstance(level, (drm.Conv, drm.Dense)):  # includes the class templates
-                    level.weight.abs_()
+    if sign == "nonnegative":
+        make_nonnegative(model)  # includes the class templates
     return model
 
 
-def make_images(model: drm.DeepRenderingModel, batch: int = BATCH, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *model.input_shape, generator=generator, dtype=torch.float64)
-
-
 def test_architectures_are_tiny_and_varied() -> None:
-    for name in ARCHITECTURES:
+    for name in PYRO_ARCHITECTURES:
         for sign in SIGNS:
             model = make_model(name, sign)
             units = sum(model.levels[i].latent_counts().numel() for i in model.latent_levels)
@@ -125,10 +120,10 @@ def test_architectures_are_tiny_and_varied() -> None:
 
 
 @pytest.mark.parametrize("sign", SIGNS)
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("name", list(PYRO_ARCHITECTURES))
 def test_max_marginals_equal_brute_force(name: str, sign: str) -> None:
     model = make_model(name, sign)
-    x = make_images(model)
+    x = images(model, BATCH, seed=1)
     expected, _ = drm.exact_map(model, x)
     scores = pyro_max_marginals(model, x)
     assert scores.shape == (BATCH, model.num_classes)
@@ -140,10 +135,10 @@ def test_max_marginals_equal_brute_force(name: str, sign: str) -> None:
 
 
 @pytest.mark.parametrize("sign", SIGNS)
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("name", list(PYRO_ARCHITECTURES))
 def test_map_achieves_brute_force_maximum(name: str, sign: str) -> None:
     model = make_model(name, sign)
-    x = make_images(model)
+    x = images(model, BATCH, seed=1)
     scores, _ = drm.exact_map(model, x)
     best = scores.topk(2, dim=1).values
     assert bool((best[:, 0] - best[:, 1] > CLASS_MARGIN).all()), "class tie: pick another seed"
@@ -164,23 +159,23 @@ def test_map_achieves_brute_force_maximum(name: str, sign: str) -> None:
             torch.testing.assert_close(ours, theirs, rtol=0.0, atol=PYRO_TOL)
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("name", list(PYRO_ARCHITECTURES))
 def test_nonnegative_pyro_equals_cnn(name: str) -> None:
     """E3 through Pyro: with non-negative top-down signals, max-sum (the CNN) is exact."""
     model = make_model(name, "nonnegative")
-    x = make_images(model)
+    x = images(model, BATCH, seed=1)
     cnn_scores, _ = drm.max_sum(model, x)
     with torch.no_grad():
         expected = cnn_scores - drm.logit_offset(model, x)[:, None]
     torch.testing.assert_close(pyro_max_marginals(model, x), expected, rtol=0.0, atol=PYRO_TOL)
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("name", list(PYRO_ARCHITECTURES))
 def test_signed_models_have_an_inference_gap(name: str) -> None:
     """E4 through Pyro, and the power of the tests above: with signed upper templates the CNN is
     a strict lower bound on these images, so agreeing with brute force is not agreeing with it."""
     model = make_model(name, "signed")
-    x = make_images(model)
+    x = images(model, BATCH, seed=1)
     cnn_scores, _ = drm.max_sum(model, x)
     with torch.no_grad():
         gap = pyro_max_marginals(model, x) - (cnn_scores - drm.logit_offset(model, x)[:, None])
@@ -188,11 +183,11 @@ def test_signed_models_have_an_inference_gap(name: str) -> None:
     assert float(gap.max()) > MIN_GAP
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("name", list(PYRO_ARCHITECTURES))
 def test_program_density_is_log_joint_plus_constant(name: str) -> None:
     """Conditioned on any (c, z), the program's log-density is log_joint + the proposals."""
     model = make_model(name, "signed")
-    x = make_images(model)
+    x = images(model, BATCH, seed=1)
     generator = torch.Generator().manual_seed(2)
     classes = torch.randint(model.num_classes, (BATCH,), generator=generator)
     data = {CLASS_SITE: classes}
@@ -222,7 +217,7 @@ def test_refuses_too_many_latent_units() -> None:
     )
     model = drm.DeepRenderingModel.from_config(config, dtype=torch.float64)
     assert DEFAULT_MAX_LATENT_UNITS < 25
-    x = make_images(model, batch=1)
+    x = images(model, 1, seed=1)
     with pytest.raises(ValueError, match="25 latent units"):
         pyro_program(model)
     with pytest.raises(ValueError, match="25 latent units"):
@@ -238,10 +233,10 @@ def test_refuses_too_many_configurations() -> None:
     model = make_model("padded_pool", "signed")
     total = num_configurations(model)
     with pytest.raises(ValueError, match=f"{total} latent configurations"):
-        pyro_max_marginals(model, make_images(model), max_configurations=total - 1)
+        pyro_max_marginals(model, images(model, BATCH, seed=1), max_configurations=total - 1)
 
 
 def test_rejects_unbatched_image() -> None:
     model = make_model("padded_pool", "signed")
     with pytest.raises(ValueError, match="must have shape"):
-        pyro_map(model, make_images(model)[0])
+        pyro_map(model, images(model, BATCH, seed=1)[0])

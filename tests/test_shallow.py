@@ -21,6 +21,7 @@ from pyro.infer import TraceEnum_ELBO, infer_discrete
 from torch import Tensor
 
 from drm.shallow import ShallowRenderingModel
+from tests.architectures import brute_log_joint
 
 DTYPE = torch.float64
 IDENTITY_TOL = 1e-10  # float64 identities between two exact computations of the same quantity
@@ -69,29 +70,6 @@ def oracle_constant(x: Tensor) -> Tensor:
     """K(x) = ||x||^2 / (2 sigma^2) + (D/2) log(2 pi sigma^2), computed here independently."""
     d = x[0].numel()
     return x.pow(2).flatten(1).sum(1) / (2 * SIGMA2) + 0.5 * d * math.log(2 * math.pi * SIGMA2)
-
-
-def switch_values(model: ShallowRenderingModel) -> list[bool]:
-    return [False, True] if model.switch_prior_on is not None else [True]
-
-
-def brute_force_log_joint(model: ShallowRenderingModel, x: Tensor) -> Tensor:
-    """log p(x, c, g, a) for every (c, g, a) through the literal `log_joint`: (B, C, G, A)."""
-    batch, num_g = x.shape[0], model.num_translations
-    values = switch_values(model)
-    grid = torch.cartesian_prod(
-        torch.arange(NUM_CLASSES), torch.arange(num_g), torch.arange(len(values))
-    )  # (C * G * A, 3)
-    n = grid.shape[0]
-    switches = torch.tensor(values)[grid[:, 2]].repeat(batch)
-    with torch.no_grad():
-        lj = model.log_joint(
-            x.repeat_interleave(n, dim=0),
-            grid[:, 0].repeat(batch),
-            grid[:, 1].repeat(batch),
-            switches if model.switch_prior_on is not None else None,
-        )
-    return lj.view(batch, NUM_CLASSES, num_g, len(values))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +133,7 @@ def test_match_scores_are_inner_products_with_renderings(
 def test_class_scores_max_is_brute_force_max(translation: str, prior_on: float | None) -> None:
     model = make_model(translation, prior_on)
     x = make_images(model)
-    expected = brute_force_log_joint(model, x).amax(dim=(2, 3)) + oracle_constant(x)[:, None]
+    expected = brute_log_joint(model, x).amax(dim=(2, 3)) + oracle_constant(x)[:, None]
     with torch.no_grad():
         got = model.class_scores(x, "max")
     torch.testing.assert_close(got, expected, rtol=0, atol=IDENTITY_TOL)
@@ -167,7 +145,7 @@ def test_class_scores_sum_is_brute_force_logsumexp(
 ) -> None:
     model = make_model(translation, prior_on)
     x = make_images(model)
-    lj = brute_force_log_joint(model, x)
+    lj = brute_log_joint(model, x)
     expected = lj.flatten(2).logsumexp(dim=-1) + oracle_constant(x)[:, None]
     with torch.no_grad():
         got = model.class_scores(x, "sum")
@@ -183,7 +161,7 @@ def test_posterior_and_log_likelihood_are_brute_force(
 ) -> None:
     model = make_model(translation, prior_on)
     x = make_images(model)
-    lj = brute_force_log_joint(model, x)  # (B, C, G, A)
+    lj = brute_log_joint(model, x)  # (B, C, G, A)
     log_px = lj.flatten(1).logsumexp(dim=-1)  # (B,)
     expected_post = (lj.flatten(2).logsumexp(dim=-1) - log_px[:, None]).exp()
     expected_latent = (lj - log_px[:, None, None, None]).exp()
@@ -202,7 +180,7 @@ def test_posterior_and_log_likelihood_are_brute_force(
 def test_map_latents_achieve_brute_force_max(translation: str, prior_on: float | None) -> None:
     model = make_model(translation, prior_on)
     x = make_images(model)
-    lj = brute_force_log_joint(model, x)
+    lj = brute_log_joint(model, x)
     with torch.no_grad():
         classes, translations, switches = model.map_latents(x)
         at_map = model.log_joint(x, classes, translations, switches if prior_on else None)
@@ -276,7 +254,7 @@ def test_softplus_is_exact_beyond_torch_threshold() -> None:
             model.preactivation(x)[:, 0, 0], targets, rtol=0, atol=CONSTRUCTED_TOL
         )
         got = model.class_scores(x, "sum")
-    expected = brute_force_log_joint(model, x).flatten(2).logsumexp(dim=-1)
+    expected = brute_log_joint(model, x).flatten(2).logsumexp(dim=-1)
     torch.testing.assert_close(
         got, expected + oracle_constant(x)[:, None], rtol=0, atol=IDENTITY_TOL
     )

@@ -11,7 +11,6 @@ from the sample size.
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from drm.shallow_em import (
     init_from_kmeans,
     kmeans,
 )
+from tests.architectures import brute_log_joint, enumerate_latents
 
 DTYPE = torch.float64
 IDENTITY_TOL = 1e-10  # float64 identities between two exact computations of the same quantity
@@ -104,26 +104,6 @@ def run_epoch(trainer: ShallowEM, x: Tensor, y: Tensor | None, batch: int = 64) 
         yb = None if y is None else y[start : start + batch]
         trainer.step(x[start : start + batch], yb)
     return trainer.end_epoch()
-
-
-def enumerate_latents(model: ShallowRenderingModel) -> list[tuple[int, int, bool]]:
-    switches = (False, True) if model.has_switch else (True,)
-    return list(
-        itertools.product(range(model.num_classes), range(model.num_translations), switches)
-    )
-
-
-def brute_log_joint(model: ShallowRenderingModel, x: Tensor) -> Tensor:
-    """log p(x_n, c, g, a) for every (n, c, g, a) by the literal `log_joint`: (N, C, G, A)."""
-    n = x.shape[0]
-    num_a = 2 if model.has_switch else 1
-    out = x.new_empty(n, model.num_classes, model.num_translations, num_a)
-    for c, g, a in enumerate_latents(model):
-        cls = torch.full((n,), c, dtype=torch.long)
-        trans = torch.full((n,), g, dtype=torch.long)
-        sw = torch.full((n,), a, dtype=torch.bool) if model.has_switch else None
-        out[:, c, g, int(a) if model.has_switch else 0] = model.log_joint(x, cls, trans, sw)
-    return out
 
 
 def expected_q(model: ShallowRenderingModel, x: Tensor, resp: Tensor) -> Tensor:

@@ -7,47 +7,14 @@ autograd with backward hooks on the torch ReLU layers that apply the published r
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import drm
 from cnn_equiv import to_cnn
-from tests.architectures import ARCHITECTURES, build, images
+from tests.architectures import ARCHITECTURES, build, hooked_gradient, images
 
 GRADIENT_TOL = 1e-10  # float64; the rendering and autograd run the same adjoint ops
-
-
-def hooked_input_gradient(
-    model: drm.DeepRenderingModel, x: torch.Tensor, c: int, rule: str
-) -> torch.Tensor:
-    """d logit_c / d x through the torch CNN, with ReLU backward rules replaced by `rule`."""
-    cnn = to_cnn(model)
-    handles = []
-    for layer in cnn:
-        if not isinstance(layer, (nn.ReLU, nn.LeakyReLU)):
-            continue
-        slope = getattr(layer, "negative_slope", 0.0)
-
-        def hook(
-            module: nn.Module, grad_input: Any, grad_output: Any, slope: float = slope
-        ) -> tuple[torch.Tensor]:
-            if rule == "deconvnet":  # Zeiler & Fergus: rectify the backward signal itself
-                return (F.leaky_relu(grad_output[0], slope),)
-            return (grad_input[0].clamp(min=0),)  # guided: gradient, negatives zeroed
-
-        if rule != "drm":
-            handles.append(layer.register_full_backward_hook(hook))
-    x = x.clone().requires_grad_()
-    try:
-        (grad,) = torch.autograd.grad(cnn(x)[:, c].sum(), x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grad
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -56,18 +23,17 @@ def test_e6_top_down_pass_is_the_hooked_input_gradient(name: str, rule: str) -> 
     model = build(ARCHITECTURES[name], seed=21)
     x = images(model, 3, seed=22)
     _, latents = drm.max_sum(model, x)
+    cnn = to_cnn(model)
     for c in range(model.num_classes):
         classes = torch.full((3,), c, dtype=torch.long)
         signal = drm.top_down(model, classes, latents, rule=rule)[0].detach()
-        expected = hooked_input_gradient(model, x, c, rule)
+        expected = hooked_gradient(cnn, x, len(cnn) - 1, classes, rule)
         torch.testing.assert_close(signal, expected, atol=GRADIENT_TOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_e6_render_over_sigma2_is_the_logit_gradient(name: str) -> None:
-    model = build(ARCHITECTURES[name], seed=23)
-    with torch.no_grad():
-        model.sigma2.fill_(0.37)
+    model = build(ARCHITECTURES[name], seed=23, sigma2=0.37)
     x = images(model, 2, seed=24)
     scores, latents = drm.max_sum(model, x)
     predicted = scores.argmax(1)

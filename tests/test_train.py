@@ -6,14 +6,12 @@ CPU thread (so a subprocess and this process compute bit-identical tensors).
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from drm.checkpoint import load_checkpoint
 from drm.config import ModelConfig
 from drm.shallow import ShallowRenderingModel
 from experiments import train
+from tests.architectures import TRAIN_ALGORITHMS, single_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,41 +31,9 @@ SMALL = ["--data", "digits", "--limit-train", "160", "--limit-test", "100", "--b
 REQUIRED_KEYS = {"epoch", "train_loss", "test_accuracy", "seconds", "elapsed"}
 
 
-def has_generative_em() -> bool:
-    return hasattr(drm.em, "GenerativeEM")
+ALGORITHMS = [pytest.param(argv, id=name) for name, argv in TRAIN_ALGORITHMS.items()]
 
-
-def has_shallow_em() -> bool:
-    try:
-        importlib.import_module("drm.shallow_em")
-    except ImportError:
-        return False
-    return True
-
-
-ALGORITHMS = [
-    pytest.param(["--algo", "sgd"], id="sgd"),
-    pytest.param(["--algo", "dem", "--m-steps", "2"], id="dem"),
-    pytest.param(
-        ["--algo", "em"],
-        id="em-deep",
-        marks=pytest.mark.skipif(not has_generative_em(), reason="drm.em.GenerativeEM missing"),
-    ),
-    pytest.param(
-        ["--algo", "em", "--model", "shallow", "--translation", "interior", "--template-size", "6"],
-        id="em-shallow",
-        marks=pytest.mark.skipif(not has_shallow_em(), reason="drm.shallow_em missing"),
-    ),
-]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread, as the subprocesses use (--threads 1), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out: Path, *extra: str, epochs: int = 2) -> dict[str, Any]:
@@ -174,16 +141,20 @@ def test_unsupervised_clusters_are_scored_by_their_majority_label(tmp_path: Path
 # --- resume ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algo", ALGORITHMS)
+DEEP_ALGORITHMS = ALGORITHMS[:3]
+CHANNELS_LAST_ATOL = 1e-4  # float32: only the summation order of the convolutions differs
+RESUME_RUNS = [
+    *ALGORITHMS,
+    *(pytest.param([*p.values[0], "--channels-last"], id=f"{p.id}-cl") for p in DEEP_ALGORITHMS),
+]
+
+
+@pytest.mark.parametrize("algo", RESUME_RUNS)
 def test_resume_gives_the_uninterrupted_run(tmp_path: Path, algo: list[str]) -> None:
     run(tmp_path / "straight", *algo, epochs=2)
     run(tmp_path / "resumed", *algo, epochs=1)
     run(tmp_path / "resumed", *algo, "--resume", epochs=2)
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
-
-
-DEEP_ALGORITHMS = ALGORITHMS[:3]
-CHANNELS_LAST_ATOL = 1e-4  # float32: only the summation order of the convolutions differs
 
 
 @pytest.mark.parametrize("algo", DEEP_ALGORITHMS)
@@ -196,14 +167,6 @@ def test_channels_last_trains_the_same_model(tmp_path: Path, algo: list[str]) ->
     assert list(a) == list(b)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=CHANNELS_LAST_ATOL, msg=name)
-
-
-@pytest.mark.parametrize("algo", DEEP_ALGORITHMS)
-def test_channels_last_resume_gives_the_uninterrupted_run(tmp_path: Path, algo: list[str]) -> None:
-    run(tmp_path / "straight", *algo, "--channels-last", epochs=2)
-    run(tmp_path / "resumed", *algo, "--channels-last", epochs=1)
-    run(tmp_path / "resumed", *algo, "--channels-last", "--resume", epochs=2)
-    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_channels_last_is_refused_for_the_shallow_model(
@@ -397,12 +360,8 @@ sys.exit(train.cli(sys.argv[4:]))
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted 3-epoch run (in-process, one thread)."""
     out = tmp_path_factory.mktemp("reference")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         train.main(train.parse_args([*KILL_ARGS, "--out", str(out)]))
-    finally:
-        torch.set_num_threads(before)
     return out
 
 

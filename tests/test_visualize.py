@@ -11,11 +11,9 @@ matrices built column by column from basis images (rendering inversion); hand co
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import drm
@@ -40,7 +38,13 @@ from cnn_equiv.visualize import (
 from drm.levels import SwitchRule
 from drm.model import gaussian_log_joint
 from drm.reference import configurations
-from tests.architectures import ARCHITECTURES, TINY_ARCHITECTURES, build, images
+from tests.architectures import (
+    ARCHITECTURES,
+    TINY_ARCHITECTURES,
+    build,
+    hooked_gradient,
+    images,
+)
 
 GRADIENT_TOL = 1e-10  # float64; the rendering and autograd run the same adjoint ops
 IDENTITY_TOL = 1e-10  # float64 identities between the two views
@@ -52,47 +56,6 @@ RULES: tuple[SwitchRule, ...] = ("drm", "deconvnet", "guided")
 
 
 # --- oracles -------------------------------------------------------------------------------------
-
-
-def hooked_gradient(
-    cnn: nn.Sequential, x: torch.Tensor, layer: int, units: torch.Tensor, rule: str
-) -> torch.Tensor:
-    """d (output of `layer`)[unit] / d x by autograd, with the ReLU backward rule `rule`.
-
-    The layer's output is read by a forward pre-hook on the next layer (after any backward hook
-    of the layer itself is in place); layer -1 is the image.
-    """
-    layers = list(cnn)
-    handles = []
-    for module in layers:
-        if rule == "drm" or not isinstance(module, (nn.ReLU, nn.LeakyReLU)):
-            continue
-        slope = getattr(module, "negative_slope", 0.0)
-
-        def backward_rule(
-            module: nn.Module, grad_input: Any, grad_output: Any, slope: float = slope
-        ) -> tuple[torch.Tensor]:
-            if rule == "deconvnet":  # Zeiler & Fergus: rectify the backward signal itself
-                return (F.leaky_relu(grad_output[0], slope),)
-            return (grad_input[0].clamp(min=0),)  # guided: the gradient, negatives zeroed
-
-        handles.append(module.register_full_backward_hook(backward_rule))
-    captured: list[torch.Tensor] = []
-    if 0 <= layer < len(layers) - 1:
-
-        def capture(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            captured.append(inputs[0])
-
-        handles.append(layers[layer + 1].register_forward_pre_hook(capture))
-    image = x.clone().requires_grad_()
-    try:
-        logits = cnn(image)
-        out = image if layer == -1 else captured[0] if captured else logits
-        (grad,) = torch.autograd.grad(out.flatten(1).gather(1, units[:, None]).sum(), image)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grad
 
 
 def layer_activations(model: drm.DeepRenderingModel, x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -169,9 +132,7 @@ def test_projection_of_any_unit_is_its_hooked_input_gradient(name: str, rule: Sw
 
 
 def test_class_projection_is_the_rendering_over_sigma2() -> None:
-    model = build(ARCHITECTURES["leaky"], seed=34)
-    with torch.no_grad():
-        model.sigma2.fill_(0.37)
+    model = build(ARCHITECTURES["leaky"], seed=34, sigma2=0.37)
     x = images(model, 4, seed=35)
     scores, latents = drm.max_sum(model, x)
     best = scores.argmax(1)
@@ -198,10 +159,8 @@ def test_projection_rules_differ_on_units() -> None:
 def test_simonyan_objective_is_the_log_joint_at_the_cnn_latents() -> None:
     """With l2 = 1/(2 sigma^2), S_c(x) - l2 ||x||^2 = log p(x, c, z_CNN(x)) + log Z + (D/2) log
     (2 pi sigma^2): Simonyan's objective is the DRM log-joint at the CNN's latents (eq. 4-5)."""
-    model = build(ARCHITECTURES["padding-stride"], seed=41)
     sigma2 = 0.37
-    with torch.no_grad():
-        model.sigma2.fill_(sigma2)
+    model = build(ARCHITECTURES["padding-stride"], seed=41, sigma2=sigma2)
     x = images(model, 3, seed=42)
     classes = torch.tensor([0, 2, 3])
     result = maximize_class_score(
@@ -218,10 +177,8 @@ def test_simonyan_objective_is_the_log_joint_at_the_cnn_latents() -> None:
 def test_one_simonyan_step_is_the_rendering_at_the_cnn_latents(name: str) -> None:
     """lr = sigma^2, l2 = 1/(2 sigma^2): x + lr (dS_c/dx - 2 l2 x) = sigma^2 h^(0) =
     mu(c, z_CNN(x)): one ascent step renders the class with the latents the CNN reads off x."""
-    model = build(ARCHITECTURES[name], seed=43)
     sigma2 = 0.37
-    with torch.no_grad():
-        model.sigma2.fill_(sigma2)
+    model = build(ARCHITECTURES[name], seed=43, sigma2=sigma2)
     x = images(model, 3, seed=44)
     classes = torch.tensor([0, 1, 1])
     step = maximize_class_score(
@@ -443,9 +400,7 @@ def test_top_patches_match_a_brute_force_scan(name: str, level: int, channel: in
 def test_unit_template_is_the_scaled_projection_inside_the_receptive_field(
     name: str, level: int
 ) -> None:
-    model = build(ARCHITECTURES[name], seed=56)
-    with torch.no_grad():
-        model.sigma2.fill_(0.37)
+    model = build(ARCHITECTURES[name], seed=56, sigma2=0.37)
     data = images(model, 10, seed=57)
     best = top_patches(model, data, level, channel=1, k=4)
     template = unit_template(model, level, best.units, best.latents)
@@ -501,9 +456,7 @@ def test_rendering_inversion_is_the_adjoint_of_the_explicit_feature_matrix(name:
     """invert_by_rendering = sigma^2 M^T y with M the explicit matrix of the frozen feature map
     (for the linear model M does not depend on the image); also with all-ON latents."""
     config = LINEAR if name == "linear" else ARCHITECTURES[name]
-    model = build(config, seed=61)
-    with torch.no_grad():
-        model.sigma2.fill_(0.37)
+    model = build(config, seed=61, sigma2=0.37)
     x0 = images(model, 2, seed=62)
     inferred = drm.max_sum(model, x0)[1]
     for level in range(-1, len(model.levels)):
