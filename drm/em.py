@@ -30,7 +30,8 @@ Algorithms (DESIGN section 5):
   is SGD exactly (E9): the cross-entropy gradient of the CNN is the gradient through the linear
   network with latents frozen at the E-step.
 * `GenerativeEM`: hard EM on the rendering model with the factorized prior (the "full EM" row
-  of the lecture's table). E-step: bottom-up max-sum latents, the class fixed to the label. M-step:
+  of the lecture's table). E-step: bottom-up max-sum latents, the class fixed to the label,
+  optionally followed by a top-down refinement pass (`drm.refine.refine_latents`). M-step:
   with every latent fixed the rendering mu(c, z) is linear in the templates of each level, so the
   reconstruction least-squares problem for one level has a closed-form solution, computed by
   conjugate gradients on its normal equations; the class prior, the switch priors and sigma^2 come
@@ -55,6 +56,7 @@ from drm.distributed import Reduce, reduce_together
 from drm.inference import max_sum, propagate_up
 from drm.levels import Conv, Dense, Switch
 from drm.model import DeepRenderingModel, Latents, check_classes, check_images, propagate_down
+from drm.refine import refine_latents
 from drm.shallow import ShallowRenderingModel
 
 OptimizerName = Literal["adam", "sgd"]
@@ -220,7 +222,10 @@ def conjugate_gradient(
 class GenerativeEM:
     """Hard EM on the rendering model with the factorized prior, one level's templates at a time.
 
-    E-step (per batch): the bottom-up max-sum latents z*, the class fixed to the label.
+    E-step (per batch): the bottom-up max-sum latents z*, the class fixed to the label; with
+    `refine_sweeps` > 0, then up to that many coarse-to-fine coordinate-ascent sweeps
+    (`drm.refine.refine_latents`) that re-choose lower latents given the upper ones and the
+    label, each raising log p(x, c, z) (the top-down pass the CNN's bottom-up E-step lacks).
     M-step for the templates W of one level (per batch): with z* and every other level fixed the
     rendered image is linear in W, mu_n = sigma^2 L_n(W), so minimising the reconstruction error
     sum_n ||x_n - mu_n||^2 is a linear least-squares problem with normal equations
@@ -241,6 +246,7 @@ class GenerativeEM:
         cg_iterations: conjugate-gradient steps per level and batch.
         step_size: in (0, 1]; 1 takes the batch's least-squares solution.
         levels_per_step: template levels updated per batch (None: all of them).
+        refine_sweeps: top-down refinement sweeps after the bottom-up E-step (0: none).
         reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
             None: one process. The normal equations are sums over images, so the right-hand
             side and every Gram matrix-vector product are summed (every process then runs the
@@ -254,12 +260,16 @@ class GenerativeEM:
         step_size: float = 0.5,
         levels_per_step: int | None = None,
         reduce: Reduce | None = None,
+        refine_sweeps: int = 0,
     ) -> None:
         if cg_iterations < 1:
             raise ValueError(f"cg_iterations must be >= 1, got {cg_iterations}")
         if not 0 < step_size <= 1:
             raise ValueError(f"step_size must lie in (0, 1], got {step_size}")
+        if refine_sweeps < 0:
+            raise ValueError(f"refine_sweeps must be >= 0, got {refine_sweeps}")
         self.model = model
+        self.refine_sweeps = refine_sweeps
         self.cg_iterations = cg_iterations
         self.step_size = step_size
         # template levels, coarse to fine
@@ -283,6 +293,16 @@ class GenerativeEM:
         self._unit_counts = dict.fromkeys(self._on_counts, 0.0)
         self._squared_residual = 0.0
         self._pixels = 0
+
+    def e_step(self, x: Tensor, y: Tensor) -> Latents:
+        """The latents of the batch's images with their labels: bottom-up, then refined."""
+        with torch.no_grad():
+            latents = max_sum(self.model, x)[1]
+            if self.refine_sweeps and x.shape[0]:
+                latents = refine_latents(self.model, x, y, latents, max_sweeps=self.refine_sweeps)[
+                    0
+                ]
+        return latents
 
     def level_objective(self, x: Tensor, y: Tensor, latents: Latents) -> Tensor:
         """sum_n ||x_n - mu(y_n, z_n)||^2 for the batch: the quantity each M-step lowers."""
@@ -324,8 +344,8 @@ class GenerativeEM:
         if x.shape[0] == 0 and self.reduce is None:
             raise ValueError("x must hold at least one image, got an empty batch")
         model = self.model
+        latents = self.e_step(x, y)
         with torch.no_grad():
-            latents = max_sum(model, x)[1]
             for _ in range(self.levels_per_step):
                 index = self.template_levels[self._cursor % len(self.template_levels)]
                 self._cursor += 1

@@ -126,6 +126,7 @@ ESSENTIAL = (
     "unsupervised",
     "cg_iterations",
     "em_step_size",
+    "refine_sweeps",
     "amp",
 )
 # Metric keys that measure time (they differ between an uninterrupted and a resumed run).
@@ -279,7 +280,11 @@ def build_trainer(args: argparse.Namespace, model: Any) -> Trainer:
     if shallow:
         return ShallowEM(model, hard=args.hard, supervised=not args.unsupervised, reduce=reduce)
     return GenerativeEM(
-        model, cg_iterations=args.cg_iterations, step_size=args.em_step_size, reduce=reduce
+        model,
+        cg_iterations=args.cg_iterations,
+        step_size=args.em_step_size,
+        reduce=reduce,
+        refine_sweeps=args.refine_sweeps or 0,
     )
 
 
@@ -838,6 +843,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="deep EM: step towards the CG solution",
     )
     parser.add_argument(
+        "--refine-sweeps",
+        type=_positive,
+        default=None,
+        help="deep EM: top-down refinement sweeps after the bottom-up E-step; default none",
+    )
+    parser.add_argument(
         "--amp",
         choices=("bf16",),
         default=None,
@@ -879,6 +890,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--unsupervised applies to --model shallow")
     if args.channels_last and args.model == "shallow":
         parser.error("--channels-last applies to the deep models")
+    if args.refine_sweeps is not None and (args.algo != "em" or args.model == "shallow"):
+        parser.error("--refine-sweeps applies to --algo em on a deep model")
     if args.amp is not None and args.algo != "sgd":
         parser.error("--amp applies to --algo sgd")
     return args
@@ -892,6 +905,13 @@ def say(line: str) -> None:
 
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated(signum)
+
+
+def _deaf_to_sigterm(launched: bool) -> None:
+    """Once a rank is failing, a later SIGTERM from torchrun must not raise again: it could land
+    in a finaliser (tqdm's __del__ as the traceback is freed) and print a stray report."""
+    if launched:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _looks_like_communication(err: BaseException) -> bool:
@@ -918,11 +938,13 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         result = main(args)
     except (RunError, *EXPECTED_ERRORS) as err:
+        _deaf_to_sigterm(launched)
         say(f"error: {who}{one_line(err)}")
         return 1
     except RuntimeError as err:
         if not launched:
             raise
+        _deaf_to_sigterm(launched)
         message = one_line(err)
         if _looks_like_communication(err):
             message = message.split(". ")[0].rstrip(".")  # gloo appends advice, then "GLHF!"
@@ -936,12 +958,14 @@ def cli(argv: list[str] | None = None) -> int:
         say(f"error: {who}{message}")
         return 1
     except Terminated:
+        _deaf_to_sigterm(launched)
         say(
             f"error: {who}stopped by SIGTERM (torchrun stops every rank when one fails); "
             f"{args.out} holds the last completed epoch; continue with --resume"
         )
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
+        _deaf_to_sigterm(launched)
         say(f"interrupted: {who}{args.out} holds the last completed epoch; continue with --resume")
         return 130
     finally:

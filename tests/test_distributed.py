@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -231,13 +232,15 @@ def test_discriminative_em_shards_sum_to_the_whole_batch(optimizer: str) -> None
     assert float(changed.abs().max()) > 1e-3  # the comparison is not vacuous
 
 
-def test_generative_em_shards_sum_to_the_whole_batch() -> None:
+@pytest.mark.parametrize("refine_sweeps", [0, 2])
+def test_generative_em_shards_sum_to_the_whole_batch(refine_sweeps: int) -> None:
     model = build(ARCHITECTURES["leaky"], seed=13)
     data: list[tuple[Tensor, Tensor | None]] = list(batches(model, seed=14))
     # the default 3 CG steps: more of them on so few images drive the class templates towards
     # the ill-posed least-squares solution (|w| ~ 500), which amplifies rounding to ~1e-11
-    one = GenerativeEM(copy.deepcopy(model), cg_iterations=3)
-    ranks = [GenerativeEM(copy.deepcopy(model), cg_iterations=3) for _ in range(3)]
+    one = GenerativeEM(copy.deepcopy(model), cg_iterations=3, refine_sweeps=refine_sweeps)
+    ranks = [GenerativeEM(copy.deepcopy(model), cg_iterations=3, refine_sweeps=refine_sweeps)
+             for _ in range(3)]  # fmt: skip
     whole(one, data, epochs=2)
     sharded(ranks, data, epochs=2)
     assert_same_parameters(one.model, ranks, THREADS_F64_TOL)
@@ -445,6 +448,34 @@ def test_hung_rank_times_out_instead_of_hanging(tmp_path: Path) -> None:
     assert_one_line(ranks[0], "rank 0/2", f"--dist-timeout {HANG_TIMEOUT}", "--resume")
     # torchrun then stops the hung rank with SIGTERM: one line too
     assert_one_line(ranks[1], "rank 1/2", "SIGTERM")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [ValueError("bad data"), RuntimeError("Connection reset by peer"), train.Terminated(15)],
+)
+def test_a_failing_rank_ignores_later_sigterms(
+    failure: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun's SIGTERM may arrive while the failing rank reports: it must not raise again
+    (in a finaliser it would print a stray "Exception ignored" report after the one line)."""
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+
+    def fail(args: Any) -> Any:
+        raise failure
+
+    handlers: list[Any] = []
+    monkeypatch.setattr(train, "main", fail)
+    monkeypatch.setattr(
+        train, "say", lambda line: handlers.append(signal.getsignal(signal.SIGTERM))
+    )
+    before = signal.getsignal(signal.SIGTERM)
+    code = train.cli(["--algo", "sgd", "--data", "digits", "--out", "unused"])
+    assert code != 0
+    assert handlers == [signal.SIG_IGN]  # deaf before the line is written
+    assert signal.getsignal(signal.SIGTERM) == before  # and restored on return
 
 
 # --- mixed precision -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """E9 and the deep model's EM algorithms.
 
 Oracles: SGD on the torch CNN (E9); torch.linalg.lstsq on an explicitly built design matrix
-(the generative M-step); torch.linalg.solve (conjugate gradients).
+(the generative M-step); torch.linalg.solve (conjugate gradients); the log-joint computed from
+the rendering (the refined E-step).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import drm
 from cnn_equiv import SGDTrainer, to_cnn
 from drm.em import DiscriminativeEM, GenerativeEM, conjugate_gradient
 from drm.model import propagate_down
+from drm.refine import refine_latents
 from tests.architectures import ARCHITECTURES, TINY_ARCHITECTURES, build, images
 
 E9_TOL = 1e-12  # float64; the two paths compute the same gradients by different graphs
 LSTSQ_TOL = 1e-9  # relative excess of CG's least-squares objective over lstsq's, float64
+REFINE_TOL = 1e-10  # float64 log-joint: refinement never lowers it
 
 
 @pytest.mark.parametrize("name", ["lenet", "leaky", "avgpool", "pool-before-switch"])
@@ -146,6 +149,30 @@ def test_generative_em_priors_are_latent_frequencies() -> None:
     assert switch.spec.prior_on == pytest.approx(float(on.double().mean()), abs=1e-12)
 
 
+def test_generative_em_refined_e_step_raises_the_log_joint() -> None:
+    """With refine_sweeps the E-step's latents are refine_latents' and score at least max-sum's."""
+    model = build(ARCHITECTURES["leaky"], seed=104)
+    x = images(model, 24, seed=105)
+    y = torch.arange(24) % 3
+    bottom_up = GenerativeEM(model).e_step(x, y)
+    refined = GenerativeEM(model, refine_sweeps=5).e_step(x, y)
+    expected = refine_latents(model, x, y, bottom_up, max_sweeps=5)[0]
+    for a, b in zip(refined, expected, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with torch.no_grad():
+        before = drm.log_joint(model, x, y, bottom_up)
+        after = drm.log_joint(model, x, y, refined)
+    assert bool((after >= before - REFINE_TOL).all())
+    assert float((after - before).max()) > 1e-6  # the refinement changed some images' latents
+    # the M-step on the refined latents still never increases the reconstruction error
+    trainer = GenerativeEM(model, cg_iterations=3, step_size=1.0, refine_sweeps=5)
+    for index in trainer.template_levels:
+        before_error = trainer.level_objective(x, y, refined)
+        with torch.no_grad():
+            model.levels[index].weight.copy_(trainer.solve_level(index, x, y, refined))
+        assert float(trainer.level_objective(x, y, refined)) <= float(before_error) * (1 + 1e-12)
+
+
 def test_trainer_arguments_are_checked() -> None:
     model = build(ARCHITECTURES["leaky"])
     with pytest.raises(ValueError, match="m_steps must be >= 1"):
@@ -156,5 +183,7 @@ def test_trainer_arguments_are_checked() -> None:
         DiscriminativeEM(model, optimizer="lbfgs")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="step_size must lie in"):
         GenerativeEM(model, step_size=1.5)
+    with pytest.raises(ValueError, match="refine_sweeps must be >= 0"):
+        GenerativeEM(model, refine_sweeps=-1)
     with pytest.raises(ValueError, match="class index out of range"):
         DiscriminativeEM(model).step(images(model, 2), torch.tensor([0, 7]))

@@ -7,6 +7,7 @@ CPU thread (so a subprocess and this process compute bit-identical tensors).
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import subprocess
@@ -175,6 +176,24 @@ def test_channels_last_is_refused_for_the_shallow_model(
     with pytest.raises(SystemExit):
         train.parse_args(["--smoke", "--model", "shallow", "--algo", "em", "--channels-last"])
     assert "--channels-last applies to the deep models" in capsys.readouterr().err
+
+
+def test_refine_sweeps_trains_a_deep_em_run_and_is_refused_elsewhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = run(tmp_path / "plain", "--algo", "em", epochs=1)
+    refined = run(tmp_path / "refined", "--algo", "em", "--refine-sweeps", "2", epochs=1)
+    assert math.isfinite(refined["metrics"][-1]["train_loss"])
+    stored = json.loads((tmp_path / "refined" / "config.json").read_text())
+    assert stored["args"]["refine_sweeps"] == 2
+    a = load_checkpoint(tmp_path / "plain" / "model.safetensors").model.state_dict()
+    b = load_checkpoint(tmp_path / "refined" / "model.safetensors").model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # other latents, other templates
+    assert plain["metrics"][-1]["epoch"] == refined["metrics"][-1]["epoch"] == 1
+    for argv in (["--algo", "sgd"], ["--algo", "em", "--model", "shallow"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--smoke", *argv, "--refine-sweeps", "1"])
+        assert "--refine-sweeps applies to --algo em" in capsys.readouterr().err
 
 
 def test_minibatch_order_depends_only_on_seed_and_epoch() -> None:
