@@ -718,7 +718,7 @@ class DetectionReport:
         for attack, aucs in self.auc.items():
             rows.append(
                 [attack, f"{self.accuracy[attack]:.3f}", str(self.counts[attack])]
-                + [f"{aucs[name]:.3f}" for name in names]
+                + ["n/a" if math.isnan(aucs[name]) else f"{aucs[name]:.3f}" for name in names]
             )
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [

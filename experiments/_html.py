@@ -8,6 +8,7 @@ browser (`--dump-dom`) can check the report without a human; `tests/test_compare
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,5 +141,7 @@ def _as_image(value: Tensor | np.ndarray) -> np.ndarray:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        # nan marks a statistic over an empty set (e.g. an AUC with no attacked image that the
+        # CNN first classified correctly): say so instead of printing "nan"
+        return "n/a (no images)" if math.isnan(value) else f"{value:.4g}"
     return str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -45,6 +46,10 @@ def test_every_figure_is_a_png_referenced_by_the_page(
         assert heading in page
     numbers = result["numbers"]
     assert isinstance(numbers, dict) and numbers["projection_max_difference"] < 1e-5  # E6
+    # a statistic over an empty set is nan in the numbers and said in words on the page
+    assert "<td>nan</td>" not in page
+    if any(isinstance(v, float) and math.isnan(v) for v in numbers.values()):
+        assert "n/a (no images)" in page
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
