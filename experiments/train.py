@@ -904,6 +904,9 @@ def say(line: str) -> None:
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(
+        signal.SIGTERM, signal.SIG_IGN
+    )  # once: a second one must not interrupt the report
     raise Terminated(signum)
 
 

@@ -478,6 +478,16 @@ def test_a_failing_rank_ignores_later_sigterms(
     assert signal.getsignal(signal.SIGTERM) == before  # and restored on return
 
 
+def test_the_sigterm_handler_raises_once() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(train.Terminated):
+            train._terminate(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 # --- mixed precision -------------------------------------------------------------------------
 
 
