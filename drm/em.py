@@ -14,7 +14,8 @@ shard of the same global minibatch and calls `trainer.step(x_shard, y_shard, sha
 whole batch). Every trainer then computes the single-process update on the whole batch: the
 gradient methods weight their shard's mean loss by `share` and sum the gradients over processes
 (DDP for SGD, the `reduce` argument for discriminative EM); generative EM sums its normal
-equations (right-hand side and every Gram matrix-vector product) and its epoch counts; shallow
+equations (the starting residual b - A W and every Gram matrix-vector product) and its epoch
+counts; shallow
 EM sums its sufficient statistics before the M-step. `reduce` (a `drm.distributed.Reduce`: a
 tensor -> its sum over processes, e.g. `drm.distributed.all_reduce_`) defaults to None, the
 exact single-process behaviour. With `reduce`, an empty shard (b = 0, when B < the number of
@@ -191,18 +192,34 @@ def sum_gradients(parameters: list[nn.Parameter], reduce: Reduce) -> None:
 
 
 def conjugate_gradient(
-    matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor, iterations: int, tol: float = 1e-12
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor | None,
+    x0: Tensor,
+    iterations: int,
+    tol: float = 1e-12,
+    *,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Solve A x = b for a symmetric positive semi-definite A given as `matvec`, from x0.
 
     Each iteration minimises the quadratic 0.5 x'Ax - b'x over a growing Krylov space, so the
     objective never increases; stops early when the residual's norm falls below tol * |b|.
+    `residual`, when given, is b - A x0 computed by the caller (b may then be None, and the
+    stopping rule is relative to |b - A x0|): it spares one matvec when the caller can get the
+    residual as cheaply as b.
     """
     x = x0.clone()
-    r = b - matvec(x)
+    if residual is None:
+        if b is None:
+            raise ValueError("conjugate_gradient needs b or the residual b - A x0")
+        r = b - matvec(x)
+        scale = b.norm()
+    else:
+        r = residual.clone()
+        scale = r.norm() if b is None else b.norm()
     p = r.clone()
     rs = (r * r).sum()
-    threshold = (tol * b.norm()) ** 2
+    threshold = (tol * scale) ** 2
     for _ in range(iterations):
         if rs <= threshold:
             break
@@ -248,8 +265,8 @@ class GenerativeEM:
         levels_per_step: template levels updated per batch (None: all of them).
         refine_sweeps: top-down refinement sweeps after the bottom-up E-step (0: none).
         reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
-            None: one process. The normal equations are sums over images, so the right-hand
-            side and every Gram matrix-vector product are summed (every process then runs the
+            None: one process. The normal equations are sums over images, so the starting
+            residual b - A W and every Gram matrix-vector product are summed (every process then runs the
             same conjugate-gradient iterations), and so are the epoch's counts and residuals.
     """
 
@@ -299,9 +316,9 @@ class GenerativeEM:
         with torch.no_grad():
             latents = max_sum(self.model, x)[1]
             if self.refine_sweeps and x.shape[0]:
-                latents = refine_latents(self.model, x, y, latents, max_sweeps=self.refine_sweeps)[
-                    0
-                ]
+                latents, _, _ = refine_latents(
+                    self.model, x, y, latents, max_sweeps=self.refine_sweeps
+                )
         return latents
 
     def level_objective(self, x: Tensor, y: Tensor, latents: Latents) -> Tensor:
@@ -331,12 +348,18 @@ class GenerativeEM:
                 (grad,) = torch.autograd.grad(0.5 * (render(w) ** 2).sum(), w)
             return grad if self.reduce is None else self.reduce(grad)
 
+        # The starting residual b - A W = L^T x / sigma^2 - L^T L W in one render and its
+        # adjoint: the gradient of <L w, x / sigma^2> - |L w|^2 / 2 at w = W (b alone would cost
+        # the same, and A W as much again).
         with torch.enable_grad():
             w = level.weight.detach().clone().requires_grad_()
-            (rhs,) = torch.autograd.grad((render(w) * x).sum() / model.sigma2, w)
+            h = render(w)
+            (residual,) = torch.autograd.grad((h * (x / model.sigma2 - 0.5 * h)).sum(), w)
         if self.reduce is not None:  # sums over every process's images
-            rhs = self.reduce(rhs)
-        return conjugate_gradient(gram, rhs, level.weight.detach(), self.cg_iterations)
+            residual = self.reduce(residual)
+        return conjugate_gradient(
+            gram, None, level.weight.detach(), self.cg_iterations, residual=residual
+        )
 
     def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
         """E-step and one M-step per visited level; `share` is not needed (sums over images)."""

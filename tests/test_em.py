@@ -82,6 +82,26 @@ def test_conjugate_gradient_solves_spd_systems() -> None:
     b = torch.randn(12, generator=generator, dtype=torch.float64)
     x = conjugate_gradient(lambda v: spd @ v, b, torch.zeros_like(b), iterations=60)
     torch.testing.assert_close(x, torch.linalg.solve(spd, b), atol=LSTSQ_TOL, rtol=0)
+    # warm-started from x0 with the caller's residual b - A x0 (b not needed): the same solution,
+    # and one matvec fewer
+    x0 = torch.randn(12, generator=generator, dtype=torch.float64)
+    calls: list[int] = []
+
+    def counted(v: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return spd @ v
+
+    x = conjugate_gradient(counted, None, x0, iterations=60, residual=b - spd @ x0)
+    torch.testing.assert_close(x, torch.linalg.solve(spd, b), atol=LSTSQ_TOL, rtol=0)
+    assert len(calls) <= 60
+    calls.clear()
+    conjugate_gradient(counted, b, x0, iterations=3)
+    assert len(calls) == 4  # the residual, then one per iteration
+    calls.clear()
+    conjugate_gradient(counted, None, x0, iterations=3, residual=b - spd @ x0)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="needs b or the residual"):
+        conjugate_gradient(counted, None, x0, iterations=3)
 
 
 @pytest.mark.parametrize("name", ["two-levels", "avgpool-dense", "padding-stride"])
