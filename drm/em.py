@@ -266,8 +266,9 @@ class GenerativeEM:
         refine_sweeps: top-down refinement sweeps after the bottom-up E-step (0: none).
         reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
             None: one process. The normal equations are sums over images, so the starting
-            residual b - A W and every Gram matrix-vector product are summed (every process then runs the
-            same conjugate-gradient iterations), and so are the epoch's counts and residuals.
+            residual b - A W and every Gram matrix-vector product are summed (every process
+            then runs the same conjugate-gradient iterations), and so are the epoch's counts
+            and residuals.
     """
 
     def __init__(
