@@ -15,11 +15,11 @@ whole batch). Every trainer then computes the single-process update on the whole
 gradient methods weight their shard's mean loss by `share` and sum the gradients over processes
 (DDP for SGD, the `reduce` argument for discriminative EM); generative EM sums its normal
 equations (the starting residual b - A W and every Gram matrix-vector product) and its epoch
-counts; shallow
-EM sums its sufficient statistics before the M-step. `reduce` (a `drm.distributed.Reduce`: a
-tensor -> its sum over processes, e.g. `drm.distributed.all_reduce_`) defaults to None, the
-exact single-process behaviour. With `reduce`, an empty shard (b = 0, when B < the number of
-processes) is allowed: it contributes nothing, takes part in the collectives and returns 0.0.
+counts; shallow EM sums its sufficient statistics before the M-step. `reduce` (a
+`drm.distributed.Reduce`: a tensor -> its sum over processes, e.g.
+`drm.distributed.all_reduce_`) defaults to None, the exact single-process behaviour. With
+`reduce`, an empty shard (b = 0, when B < the number of processes) is allowed: it contributes
+nothing, takes part in the collectives and returns 0.0.
 `step` returns the shard's own mean loss; the caller sums `loss * b` over processes.
 
 Algorithms (DESIGN section 5):

@@ -904,9 +904,8 @@ def say(line: str) -> None:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    signal.signal(
-        signal.SIGTERM, signal.SIG_IGN
-    )  # once: a second one must not interrupt the report
+    # raise once: a second SIGTERM must not interrupt the one-line report of the first
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated(signum)
 
 
