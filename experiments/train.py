@@ -909,11 +909,16 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
-def _deaf_to_sigterm(launched: bool) -> None:
+@contextlib.contextmanager
+def _deaf_to_sigterm_once_failing(launched: bool) -> Iterator[None]:
     """Once a rank is failing, a later SIGTERM from torchrun must not raise again: it could land
     in a finaliser (tqdm's __del__ as the traceback is freed) and print a stray report."""
-    if launched:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    except BaseException:
+        if launched:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
 
 
 def _looks_like_communication(err: BaseException) -> bool:
@@ -938,15 +943,14 @@ def cli(argv: list[str] | None = None) -> int:
     who = f"rank {rank}/{world}: " if world > 1 else ""
     previous = signal.signal(signal.SIGTERM, _terminate) if launched else None
     try:
-        result = main(args)
+        with _deaf_to_sigterm_once_failing(launched):
+            result = main(args)
     except (RunError, *EXPECTED_ERRORS) as err:
-        _deaf_to_sigterm(launched)
         say(f"error: {who}{one_line(err)}")
         return 1
     except RuntimeError as err:
         if not launched:
             raise
-        _deaf_to_sigterm(launched)
         message = one_line(err)
         if _looks_like_communication(err):
             message = message.split(". ")[0].rstrip(".")  # gloo appends advice, then "GLHF!"
@@ -960,14 +964,12 @@ def cli(argv: list[str] | None = None) -> int:
         say(f"error: {who}{message}")
         return 1
     except Terminated:
-        _deaf_to_sigterm(launched)
         say(
             f"error: {who}stopped by SIGTERM (torchrun stops every rank when one fails); "
             f"{args.out} holds the last completed epoch; continue with --resume"
         )
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        _deaf_to_sigterm(launched)
         say(f"interrupted: {who}{args.out} holds the last completed epoch; continue with --resume")
         return 130
     finally:
