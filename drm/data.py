@@ -133,3 +133,36 @@ def load_npz(path: str | Path) -> Dataset:
             f"{tuple(x_test.shape[1:])} differ in shape"
         )
     return Dataset(x_train, y_train, x_test, y_test)
+
+
+def labelled_subset(labels: Tensor, count: int, num_classes: int, seed: int) -> Tensor:
+    """A class-balanced random subset of the training images: `count` / `num_classes` per class.
+
+    Args:
+        labels: (N,) int64 training labels.
+        count: how many images to keep labelled; a multiple of num_classes, at most N.
+        seed: the draw (a fixed seed gives the same subset on every machine).
+
+    Returns:
+        (count,) int64 indices into the training set, ascending.
+    """
+    n = labels.shape[0]
+    if count < 1 or count > n:
+        raise ValueError(f"--labels {count}: must lie in [1, {n}] (the training set's size)")
+    if count % num_classes:
+        raise ValueError(
+            f"--labels {count}: must be a multiple of the {num_classes} classes (a balanced "
+            f"subset has the same number of images of each class)"
+        )
+    per_class = count // num_classes
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero()[:, 0]
+        if members.shape[0] < per_class:
+            raise ValueError(
+                f"--labels {count}: class {c} has {members.shape[0]} training images, fewer "
+                f"than the {per_class} a balanced subset needs"
+            )
+        chosen.append(members[torch.randperm(members.shape[0], generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values

@@ -13,9 +13,18 @@ References:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from drm.model import DeepRenderingModel, Latents, check_images, check_latents
+from drm.model import (
+    DeepRenderingModel,
+    Latents,
+    check_images,
+    check_latents,
+    factorized_log_prior,
+    gaussian_log_likelihood,
+    propagate_down,
+)
 
 
 def max_sum(model: DeepRenderingModel, x: Tensor) -> tuple[Tensor, Latents]:
@@ -66,3 +75,25 @@ def latents_or_max_sum(
     if latents is None:
         return max_sum(model, x)[1]
     return check_latents(model, latents, x.shape[0])
+
+
+def generative_scores(
+    model: DeepRenderingModel, x: Tensor, latents: Latents | None = None
+) -> Tensor:
+    """log p(x, c, z*) under the factorized prior for every class c: (B, C).
+
+    The generative classifier: every class is rendered through the same latents z* (default
+    max-sum's) and scored by its Gaussian likelihood and prior,
+    log N(x; mu(c, z*), sigma^2 I) + log pi_c + log p(z*); its arg-max over c is the class whose
+    rendering best explains the image. The CNN's scores (`max_sum`) are instead the log-joint
+    under the CNN prior, whose ||mu||^2 / (2 sigma^2) term rewards bright renderings.
+    """
+    x = check_images(model, x)
+    latents = latents_or_max_sum(model, x, latents)
+    columns = []
+    for c in range(model.num_classes):
+        classes = torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)
+        mu = model.sigma2 * propagate_down(model, classes, latents)[0]
+        prior = factorized_log_prior(model, classes, latents)
+        columns.append(gaussian_log_likelihood(model, x, mu) + prior)
+    return torch.stack(columns, 1)

@@ -137,6 +137,10 @@ class Level(nn.Module):
         """Raise ValueError/TypeError unless `latent` is a valid latent for `batch` images."""
         raise NotImplementedError
 
+    def factorized_log_prior(self, latent: Tensor, dtype: torch.dtype) -> Tensor:
+        """log p(z_l) of each image's latent under the factorized prior: (B,) of `dtype`."""
+        raise NotImplementedError
+
 
 class Conv(Level):
     """Convolutional templates: bottom-up conv2d + bias, top-down conv_transpose2d."""
@@ -337,6 +341,12 @@ class Switch(Level):
             g = torch.relu(g)
         return g * self.switch_values(latent, g.dtype)
 
+    def factorized_log_prior(self, latent: Tensor, dtype: torch.dtype) -> Tensor:
+        # each unit ON with probability prior_on, independently
+        p_on = self._spec.prior_on
+        on = latent.flatten(1).sum(1).to(dtype)
+        return on * math.log(p_on) + (math.prod(self.in_shape) - on) * math.log1p(-p_on)
+
     def latent_counts(self) -> Tensor:
         return torch.full((math.prod(self.in_shape),), 2, dtype=torch.long)
 
@@ -417,6 +427,11 @@ class MaxPool(Level):
         out = g.new_zeros(g.shape[0], channels, height * width)
         out.scatter_add_(2, latent.flatten(2), g.flatten(2))
         return out.view(g.shape[0], channels, height, width)
+
+    def factorized_log_prior(self, latent: Tensor, dtype: torch.dtype) -> Tensor:
+        # each pooled unit uniform over the cells of its window: the same for every latent
+        log_uniform = -self.out_shape[0] * float(self.window_counts.double().log().sum())
+        return torch.full((latent.shape[0],), log_uniform, dtype=dtype, device=latent.device)
 
     def latent_counts(self) -> Tensor:
         return self.window_counts.repeat(self.out_shape[0]).cpu()

@@ -340,18 +340,57 @@ def gaussian_log_joint(
     model: DeepRenderingModel, x: Tensor, mu: Tensor, log_prior: Tensor
 ) -> Tensor:
     """The log-joint (eq. 4) from a rendering: x, mu (..., C0, H, W), log_prior (...) -> (...)."""
-    sigma2 = model.sigma2
+    energy = (mu**2).sum(tuple(range(-len(model.input_shape), 0)))
+    return gaussian_log_likelihood(model, x, mu) + energy / (2 * model.sigma2) + log_prior
+
+
+def gaussian_log_likelihood(model: DeepRenderingModel, x: Tensor, mu: Tensor) -> Tensor:
+    """log N(x; mu, sigma^2 I) per image: x, mu (..., C0, H, W) -> (...).
+
+    The pixel term of the log-joint under either prior: -||x - mu||^2 / (2 sigma^2) -
+    (D/2) log(2 pi sigma^2). Differentiable in x, mu and sigma^2.
+    """
     dims = model.input_shape
-    num_pixels = math.prod(dims)
     reduce = tuple(range(-len(dims), 0))
     residual = ((x - mu) ** 2).sum(reduce)
-    energy = (mu**2).sum(reduce)
-    return (
-        -residual / (2 * sigma2)
-        - 0.5 * num_pixels * torch.log(2 * math.pi * sigma2)
-        + energy / (2 * sigma2)
-        + log_prior
+    return -residual / (2 * model.sigma2) - 0.5 * math.prod(dims) * torch.log(
+        2 * math.pi * model.sigma2
     )
+
+
+def factorized_log_prior(model: DeepRenderingModel, classes: Tensor, latents: Latents) -> Tensor:
+    """log pi_c + sum_l log p(z_l) under the factorized prior (no input checks): (B,).
+
+    Each switch unit is ON with its level's prior_on, independently; each translation is uniform
+    over its window (DESIGN section 3, the 2015 paper's generative prior).
+    """
+    total = model.class_log_prior[classes]
+    for level, latent in zip(model.levels, latents, strict=True):
+        if level.has_latent:
+            assert latent is not None
+            total = total + level.factorized_log_prior(latent, model.dtype)
+    return total
+
+
+def factorized_log_joint(
+    model: DeepRenderingModel, x: Tensor, classes: Tensor, latents: Latents
+) -> Tensor:
+    """log p(x, c, z) under the factorized prior (normalised: no log Z), per image: (B,).
+
+        log p(x, c, z) = log N(x; mu(c, z), sigma^2 I) + log pi_c + sum_l log p(z_l).
+
+    Unlike the CNN prior of `log_joint`, this is the prior that `drm.sample` draws from; its MAP
+    over z is not the CNN's forward pass.
+
+    Args:
+        x: (B, C0, H, W) images.
+        classes: (B,) int64 classes.
+        latents: latents of B images (one entry per level).
+    """
+    x = check_images(model, x)
+    classes = check_classes(model, classes, x.shape[0])
+    mu = render(model, classes, latents)
+    return gaussian_log_likelihood(model, x, mu) + factorized_log_prior(model, classes, latents)
 
 
 def log_joint(model: DeepRenderingModel, x: Tensor, classes: Tensor, latents: Latents) -> Tensor:
@@ -456,7 +495,10 @@ __all__ = [
     "check_classes",
     "check_images",
     "check_latents",
+    "factorized_log_joint",
+    "factorized_log_prior",
     "gaussian_log_joint",
+    "gaussian_log_likelihood",
     "log_joint",
     "logit_offset",
     "render",

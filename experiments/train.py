@@ -95,8 +95,11 @@ import drm
 from cnn_equiv import SGDTrainer
 from drm import distributed
 from drm.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from drm.data import Dataset, load_digits, load_mnist, load_npz
+from drm.data import Dataset, labelled_subset, load_digits, load_mnist, load_npz
 from drm.em import DiscriminativeEM, GenerativeEM, Trainer
+from drm.inference import generative_scores
+from drm.refine import inference_gap_lower_bound
+from drm.semisupervised import TERMS, UNLABELLED, LossWeights, SemiSupervisedEM
 from drm.shallow import ShallowRenderingModel
 from drm.shallow_em import ShallowEM, init_from_class_means, init_from_kmeans
 
@@ -104,6 +107,7 @@ CHECKPOINT = "model.safetensors"
 METRICS = "metrics.json"
 CONFIG = "config.json"
 CURVES = "curves.png"
+LABELLED = "labelled.json"
 LOCK = ".lock"
 
 # Settings that change the trajectory or the metrics: a resumed run must share them.
@@ -128,7 +132,20 @@ ESSENTIAL = (
     "em_step_size",
     "refine_sweeps",
     "amp",
+    "labels",
+    "labelled_batch_size",
+    *(f"{term}_weight" for term in TERMS),
 )
+# Per-algorithm defaults of the settings given as None on the command line.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7},
+    "dem": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7},
+    "em": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7},
+    # the semi-supervised defaults, chosen by measurement (docs/semisupervised.md)
+    "ssl": {"epochs": 30, "lr": 1e-3, "lr_decay": 0.93, "labelled_batch_size": 32},
+}
+SSL_WEIGHTS = LossWeights()  # the default weight of each semi-supervised term
+DIAGNOSTIC_IMAGES = 1000  # test images on which ssl runs report the generative classifier and gap
 # Metric keys that measure time (they differ between an uninterrupted and a resumed run).
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "elapsed", "images_per_second")
 DIST_TIMEOUT = 120.0  # seconds; --dist-timeout
@@ -265,7 +282,7 @@ def shallow_init(args: argparse.Namespace, data: Dataset) -> ShallowRenderingMod
 def build_trainer(args: argparse.Namespace, model: Any) -> Trainer:
     """The trainer of --algo for `model` (trained in place, except SGD's CNN copy)."""
     shallow = isinstance(model, ShallowRenderingModel)
-    if args.algo in ("sgd", "dem") and shallow:
+    if args.algo in ("sgd", "dem", "ssl") and shallow:
         raise RunError(f"--algo {args.algo} trains a deep model: use --model lenet or small")
     parallel = distributed.is_distributed()
     reduce = distributed.all_reduce_ if parallel else None  # sum over ranks; None: one process
@@ -277,6 +294,9 @@ def build_trainer(args: argparse.Namespace, model: Any) -> Trainer:
         return DiscriminativeEM(
             model, m_steps=args.m_steps, optimizer=args.optimizer, lr=args.lr, reduce=reduce
         )
+    if args.algo == "ssl":
+        weights = LossWeights(**{term: getattr(args, f"{term}_weight") for term in TERMS})
+        return SemiSupervisedEM(model, weights, optimizer=args.optimizer, lr=args.lr, reduce=reduce)
     if shallow:
         return ShallowEM(model, hard=args.hard, supervised=not args.unsupervised, reduce=reduce)
     return GenerativeEM(
@@ -325,17 +345,66 @@ def minibatches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
     return list(order.split(batch_size))
 
 
+def semisupervised_batches(
+    n: int, labelled: Tensor, batch_size: int, labelled_batch_size: int, seed: int, epoch: int
+) -> list[tuple[Tensor, Tensor]]:
+    """The (indices, labelled mask) batches of a semi-supervised epoch.
+
+    An epoch is one pass over all n training images as unlabelled ones (`minibatches`: the
+    labelled images stay in this pool); each batch is `labelled_batch_size` labelled images (a
+    stream of permutations of `labelled`, seeded by (seed, epoch)) followed by its unlabelled
+    images.
+    """
+    unlabelled = minibatches(n, batch_size, seed, epoch)
+    rng = np.random.default_rng([seed, epoch, 1])
+    needed = len(unlabelled) * labelled_batch_size
+    laps = -(-needed // labelled.shape[0])
+    stream = torch.cat([labelled[torch.from_numpy(rng.permutation(labelled.shape[0]))]
+                        for _ in range(laps)])[:needed]  # fmt: skip
+    batches = []
+    for i, index in enumerate(unlabelled):
+        chosen = stream[i * labelled_batch_size : (i + 1) * labelled_batch_size]
+        known = torch.cat([torch.ones_like(chosen, dtype=torch.bool),
+                           torch.zeros_like(index, dtype=torch.bool)])  # fmt: skip
+        batches.append((torch.cat([chosen, index]), known))
+    return batches
+
+
+def epoch_batches(
+    data: Dataset, args: argparse.Namespace, epoch: int, labelled: Tensor | None
+) -> list[tuple[Tensor, Tensor | None]]:
+    """The (indices, labelled mask or None: all labelled) batches of epoch `epoch`."""
+    n = data.x_train.shape[0]
+    if args.algo != "ssl":
+        return [(index, None) for index in minibatches(n, args.batch_size, args.seed, epoch)]
+    pool = torch.arange(n) if labelled is None else labelled
+    return [
+        (index, known)
+        for index, known in semisupervised_batches(
+            n, pool, args.batch_size, args.labelled_batch_size, args.seed, epoch
+        )
+    ]
+
+
 def train_epoch(
-    trainer: Trainer, data: Dataset, args: argparse.Namespace, epoch: int, device: torch.device
+    trainer: Trainer,
+    data: Dataset,
+    args: argparse.Namespace,
+    epoch: int,
+    device: torch.device,
+    labelled: Tensor | None = None,
 ) -> tuple[float, dict[str, float | None], int]:
     """One pass over the training set; returns (mean loss per image, end_epoch summary, steps).
 
     With several ranks, each steps on its shard of every global minibatch (`share`: its
     fraction), and the loss is summed over the ranks after every step.
+
+    Args:
+        labelled: ssl: the indices of the labelled training images (None: all of them).
     """
     torch.manual_seed(epoch_seed(args.seed, epoch))  # for any trainer that draws at random
     set_learning_rate(trainer, epoch_lr(args.lr, args.lr_decay, epoch))
-    batches = minibatches(data.x_train.shape[0], args.batch_size, args.seed, epoch)
+    batches = epoch_batches(data, args, epoch, labelled)
     world = distributed.world_size()
     total, count = 0.0, 0
     bar = tqdm(
@@ -347,10 +416,14 @@ def train_epoch(
         dynamic_ncols=True,
         disable=not args.progress or distributed.rank() != 0,
     )
-    for i, index in enumerate(bar):
+    for i, (index, known) in enumerate(bar):
         local = (distributed.shard(index) if world > 1 else index).to(device)
         share = local.shape[0] / index.shape[0]  # 1.0 in one process
-        loss = trainer.step(data.x_train[local], data.y_train[local], share=share)
+        y = data.y_train[local]
+        if known is not None:  # ssl: the unlabelled part of the batch has no labels
+            known = (distributed.shard(known) if world > 1 else known).to(device)
+            y = torch.where(known, y, UNLABELLED)
+        loss = trainer.step(data.x_train[local], y, share=share)
         if world > 1:  # the global batch's mean loss (0.0 from an empty shard weighs nothing)
             loss = distributed.all_reduce_float(loss * local.shape[0]) / index.shape[0]
         if not math.isfinite(loss):
@@ -416,6 +489,30 @@ def evaluate(
     return {"test_accuracy": correct / n, key: total / n}
 
 
+def diagnostics(
+    model: drm.DeepRenderingModel, x: Tensor, y: Tensor, batch: int = 1000
+) -> dict[str, float]:
+    """The generative view of a deep model on the first DIAGNOSTIC_IMAGES test images.
+
+    test_generative_accuracy: the arg-max over c of log p(x, c, z*) under the factorized prior
+    (`drm.inference.generative_scores`); test_inference_gap: the mean certified lower bound on
+    the inference gap at the predicted class (`drm.refine.inference_gap_lower_bound`), 0 when
+    max-sum is the exact MAP. With several ranks each takes its shard, and the sums are summed.
+    """
+    n = min(DIAGNOSTIC_IMAGES, x.shape[0])
+    x, y = distributed.shard(x[:n]), distributed.shard(y[:n])
+    correct, gap = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch):
+            xb, yb = x[start : start + batch], y[start : start + batch]
+            correct += float((generative_scores(model, xb).argmax(1) == yb).sum())
+            gap += float(inference_gap_lower_bound(model, xb).sum())
+    if distributed.world_size() > 1:
+        sums = distributed.all_reduce_floats({"correct": correct, "gap": gap})
+        correct, gap = sums["correct"], sums["gap"]
+    return {"test_generative_accuracy": correct / n, "test_inference_gap": gap / n}
+
+
 # ----------------------------------------------------------------------------------------------
 # The run directory
 # ----------------------------------------------------------------------------------------------
@@ -459,6 +556,15 @@ def plot_curves(path: Path, metrics: list[dict[str, Any]]) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
 
 
+def write_labelled(out: Path, args: argparse.Namespace, labelled: Tensor) -> None:
+    """DIR/labelled.json: the indices (into the training set) of the labelled images."""
+    write_json(
+        out / LABELLED,
+        {"labels": int(labelled.shape[0]), "seed": args.seed, "data": args.data,
+         "indices": labelled.tolist()},
+    )  # fmt: skip
+
+
 def write_outputs(out: Path, run_config: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
     """The files derived from the checkpoint; each is atomic, their order does not matter."""
     write_json(out / METRICS, metrics)
@@ -473,6 +579,7 @@ def save_run(
     state: dict[str, Any],
     run_config: dict[str, Any],
     metrics: list[dict[str, Any]],
+    labelled: Tensor | None = None,
 ) -> None:
     """The checkpoint first (the truth), then the files derived from it."""
     run_config["model"] = model_description(model)  # EM may move priors kept in the config
@@ -481,13 +588,16 @@ def save_run(
         "epoch": str(len(metrics)),
         "metrics": json.dumps(metrics),
         "run_config": json.dumps(run_config),
+        "labelled": json.dumps(None if labelled is None else labelled.tolist()),
     }
     save_checkpoint(out / CHECKPOINT, model, state, metadata)
     write_outputs(out, run_config, metrics)
 
 
-def load_run(out: Path) -> tuple[Any, dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """(model, trainer state, run config, metrics) of DIR/model.safetensors, verified."""
+def load_run(
+    out: Path,
+) -> tuple[Any, dict[str, Any], dict[str, Any], list[dict[str, Any]], list[int] | None]:
+    """(model, trainer state, run config, metrics, labelled indices) of DIR/model.safetensors."""
     path = out / CHECKPOINT
     if not path.is_file():
         raise RunError(f"--resume: no checkpoint {path} (run without --resume)")
@@ -501,11 +611,16 @@ def load_run(out: Path) -> tuple[Any, dict[str, Any], dict[str, Any], list[dict[
         metrics = json.loads(metadata["metrics"])
         run_config = json.loads(metadata["run_config"])
         epoch = int(metadata["epoch"])
+        labelled = json.loads(metadata.get("labelled", "null"))
     except (KeyError, ValueError) as err:
         raise RunError(f"--resume: {path} has a malformed header: {err}") from err
     if not isinstance(metrics, list) or len(metrics) != epoch or not isinstance(run_config, dict):
         raise RunError(f"--resume: {path} has inconsistent metadata")
-    return model, state, run_config, metrics
+    if labelled is not None and not (
+        isinstance(labelled, list) and all(isinstance(i, int) for i in labelled)
+    ):
+        raise RunError(f"--resume: {path} has a malformed labelled subset")
+    return model, state, run_config, metrics, labelled
 
 
 def check_resumable(run_config: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
@@ -544,7 +659,7 @@ def locked(out: Path) -> Iterator[None]:
 
 def remove_stale_temporaries(out: Path) -> None:
     """Temporary files of writes that a kill interrupted (never read; safe to delete)."""
-    for name in (CHECKPOINT, METRICS, CONFIG, CURVES):
+    for name in (CHECKPOINT, METRICS, CONFIG, CURVES, LABELLED):
         for stale in out.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
 
@@ -576,7 +691,9 @@ def model_description(model: Any) -> dict[str, Any]:
     return {"kind": "deep", "config": model.config.to_dict()}
 
 
-def run_config_of(args: argparse.Namespace, model: Any, data: Dataset) -> dict[str, Any]:
+def run_config_of(
+    args: argparse.Namespace, model: Any, data: Dataset, labelled: Tensor | None = None
+) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "args": {k: v for k, v in sorted(vars(args).items()) if k != "out"},
@@ -587,6 +704,9 @@ def run_config_of(args: argparse.Namespace, model: Any, data: Dataset) -> dict[s
             "test_images": int(data.x_test.shape[0]),
             "image_shape": list(data.image_shape),
             "num_classes": data.num_classes,
+            # --labels: how many training images are labelled (their indices: labelled.json);
+            # the supervised algorithms' train_images are these alone
+            "labelled_images": int(data.x_train.shape[0] if labelled is None else len(labelled)),
         },
         "parameters": sum(p.numel() for p in model.parameters()),
         "world_size": distributed.world_size(),  # processes (ranks) of the latest (re)start
@@ -638,15 +758,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _prepare(
     args: argparse.Namespace, out: Path
-) -> tuple[Any, dict[str, Any] | None, list[dict[str, Any]], Dataset]:
-    """(model, trainer state or None, metrics so far, data): a fresh run or the stored one."""
+) -> tuple[Any, dict[str, Any] | None, list[dict[str, Any]], Dataset, Tensor | None]:
+    """(model, trainer state or None, metrics so far, data, labelled indices or None).
+
+    A fresh run or the stored one. With --labels N the labelled subset is drawn (balanced, from
+    --seed); the supervised algorithms then train on it alone (data.x_train is the subset), ssl
+    on all the training images with these labelled.
+    """
     lead = distributed.rank() == 0
     if lead:
         remove_stale_temporaries(out)
     metrics: list[dict[str, Any]] = []
     state: dict[str, Any] | None = None
-    if args.resume:
-        model, state, stored_config, metrics = load_run(out)  # fails fast, before the data
+    stored_labelled = None
+    if args.resume:  # fails fast, before the data
+        model, state, stored_config, metrics, stored_labelled = load_run(out)
     elif (out / CHECKPOINT).exists() and lead:
         if not args.overwrite:
             raise RunError(
@@ -655,12 +781,24 @@ def _prepare(
             )
         (out / CHECKPOINT).unlink()
     data = load_data(args.data, args.limit_train, args.limit_test)
+    labelled = None
+    if args.labels is not None:
+        labelled = labelled_subset(data.y_train, args.labels, data.num_classes, args.seed)
+        if args.algo != "ssl":  # the supervised baselines see the labelled images only
+            data = Dataset(data.x_train[labelled], data.y_train[labelled], data.x_test,
+                           data.y_test)  # fmt: skip
     if args.model is None:
         args.model = default_model(data.image_shape)
     if args.batch_size is None:
         args.batch_size = default_batch_size(data.x_train.shape[0])
     if args.resume:
         check_resumable(stored_config, args, out)
+        drawn = None if labelled is None else labelled.tolist()
+        if drawn != stored_labelled:
+            raise RunError(
+                f"--resume: the labelled subset drawn from the data now differs from the one "
+                f"stored in {out / CHECKPOINT} (has the data set changed?); use another --out"
+            )
         if len(metrics) > args.epochs:
             raise RunError(
                 f"--resume: {out} already holds {len(metrics)} epochs, more than --epochs "
@@ -668,15 +806,15 @@ def _prepare(
             )
     else:
         if lead:
-            for name in (METRICS, CURVES):
+            for name in (METRICS, CURVES, LABELLED):
                 (out / name).unlink(missing_ok=True)
         model = build_model(args, data)
-    return model, state, metrics, data
+    return model, state, metrics, data, labelled
 
 
 def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[str, Any]:
     lead = distributed.rank() == 0  # the only rank that writes DIR and prints
-    model, state, metrics, data = agreed(lambda: _prepare(args, out))
+    model, state, metrics, data, labelled = agreed(lambda: _prepare(args, out))
     model = model.to(device)
     if args.channels_last:  # same values, NHWC strides: faster CPU convolutions and pooling
         model = model.to(memory_format=torch.channels_last)
@@ -689,17 +827,19 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
         except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as err:
             path = out / CHECKPOINT
             raise RunError(f"--resume: the trainer state in {path} does not fit: {err}") from err
-    run_config = run_config_of(args, model, data)
+    run_config = run_config_of(args, model, data, labelled)
     # Before the first checkpoint config.json says what is being run (and, on --resume,
     # metrics.json is rewritten from the checkpoint's own copy); after every checkpoint both are
     # rewritten again.
     agreed(functools.partial(write_outputs, out, run_config, metrics) if lead else _nothing)
+    if labelled is not None:
+        agreed(functools.partial(write_labelled, out, args, labelled) if lead else _nothing)
     data = Dataset(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
 
     elapsed = metrics[-1]["elapsed"] if metrics else 0.0
     for epoch in range(len(metrics) + 1, args.epochs + 1):
         start = time.perf_counter()
-        train_loss, summary, steps = train_epoch(trainer, data, args, epoch, device)
+        train_loss, summary, steps = train_epoch(trainer, data, args, epoch, device, labelled)
         trained = time.perf_counter()
         current = trainer.current_model()
         relabel = None
@@ -707,6 +847,8 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
             # clusters carry no labels: score each as the majority label of its training images
             relabel = cluster_labels(current, data.x_train, data.y_train, args.eval_batch_size)
         test = evaluate(current, data.x_test, data.y_test, args.eval_batch_size, relabel)
+        if args.algo == "ssl":
+            test |= diagnostics(current, data.x_test, data.y_test, args.eval_batch_size)
         seconds = time.perf_counter() - start
         elapsed += seconds
         train_seconds = trained - start
@@ -724,7 +866,9 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
             "elapsed": elapsed,
         }
         metrics.append(record)
-        save = functools.partial(save_run, out, current, trainer.state_dict(), run_config, metrics)
+        save = functools.partial(
+            save_run, out, current, trainer.state_dict(), run_config, metrics, labelled
+        )
         agreed(save if lead else _nothing)
         if args.progress and lead:
             print(_row(record), file=sys.stderr)
@@ -777,6 +921,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -788,11 +939,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.train", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--algo", choices=("sgd", "dem", "em"), default="sgd")
+    parser.add_argument("--algo", choices=("sgd", "dem", "em", "ssl"), default="sgd")
     parser.add_argument(
         "--data", default=None, help="mnist, digits, or PATH.npz (default mnist; digits w/ smoke)"
     )
-    parser.add_argument("--epochs", type=_positive, default=2)
+    parser.add_argument(
+        "--epochs",
+        type=_positive,
+        default=None,
+        help=f"default 2 (ssl: {DEFAULTS['ssl']['epochs']})",
+    )
     parser.add_argument("--out", type=Path, default=None, help="the run directory")
     parser.add_argument("--seed", type=int, default=0, help="model init and minibatch order")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -809,12 +965,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=_positive, default=None, help="default 64 (16 below 10k images)"
     )
-    parser.add_argument("--lr", type=_positive_float, default=2e-3, help="the first epoch's")
     parser.add_argument(
-        "--lr-decay", type=_positive_float, default=0.7, help="lr factor per epoch (SGD, DEM)"
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help=f"the first epoch's; default 2e-3 (ssl: {DEFAULTS['ssl']['lr']:g})",
+    )
+    parser.add_argument(
+        "--lr-decay",
+        type=_positive_float,
+        default=None,
+        help=f"lr factor per epoch (sgd, dem, ssl); default 0.7 (ssl: "
+        f"{DEFAULTS['ssl']['lr_decay']:g})",
     )
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--m-steps", type=_positive, default=1, help="DEM gradient steps")
+    parser.add_argument(
+        "--labels",
+        type=_positive,
+        default=None,
+        help="label only N training images (balanced: N / classes each, drawn from --seed; "
+        "indices saved in DIR/labelled.json); sgd, dem, em then train on those alone, ssl on "
+        "all the images with these labelled; default: every image labelled",
+    )
+    parser.add_argument(
+        "--labelled-batch-size",
+        type=_positive,
+        default=None,
+        help=f"ssl: labelled images added to each batch of --batch-size unlabelled ones "
+        f"(default {DEFAULTS['ssl']['labelled_batch_size']})",
+    )
+    for term, weight in SSL_WEIGHTS.items():
+        parser.add_argument(
+            f"--{term.replace('_', '-')}-weight",
+            type=_non_negative_float,
+            default=None,
+            help=f"ssl: weight of the {term.replace('_', ' ')} term (default {weight:g})",
+        )
     parser.add_argument(
         "--translation",
         choices=("none", "circular", "interior"),
@@ -876,6 +1063,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smoke", action="store_true", help="digits, 256 images, 1 epoch (for the tests)"
     )
     args = parser.parse_args(argv)
+    ssl_only = ["labelled_batch_size", *(f"{term}_weight" for term in TERMS)]
+    if args.algo != "ssl" and any(getattr(args, name) is not None for name in ssl_only):
+        given = [name for name in ssl_only if getattr(args, name) is not None]
+        parser.error(f"--{given[0].replace('_', '-')} applies to --algo ssl")
+    for name, value in DEFAULTS[args.algo].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.algo == "ssl":
+        for term, weight in SSL_WEIGHTS.items():
+            if getattr(args, f"{term}_weight") is None:
+                setattr(args, f"{term}_weight", weight)
     if args.smoke:
         args.data = args.data or "digits"
         args.epochs = 1

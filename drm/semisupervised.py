@@ -1,0 +1,373 @@
+"""Semi-supervised learning through the rendering path (the Deep Rendering Mixture Model).
+
+A few labelled and many unlabelled images train one DRM. Each step is one round of EM:
+
+* E-step: bottom-up max-sum (`drm.max_sum`, the CNN's forward pass) gives the scores s(x) (the
+  CNN logits) and the latents z* (ReLU masks, pool indices). The class c^ of an image is its label
+  where known, else the predicted class argmax_c s_c(x).
+* M-step: one gradient step on a weighted sum of named terms with z* and c^ frozen (`LossWeights`
+  names them and holds their weights; each term is a function below with its formula):
+
+      cross_entropy        labelled images   -log softmax(s(x))_y                       (DRMM, NRM)
+      reconstruction       every image       -log N(x; mu(c^, z*), sigma^2 I)           (DRMM, NRM)
+      entropy              every image       H(softmax(s(x)))                           (DRMM, NRM)
+      nonnegativity        every image       sum_l mean relu(-g_l)^2                    (DRMM, NRM)
+      class_balance        the batch         KL(mean_n softmax(s(x_n)) || pi)           (ours)
+      path_normalization   every image       |log pi_c^ - log pi_c0| + sum_l mean |b_l (g_l - g0_l)|
+                                                                                         (NRM)
+
+  mu(c^, z*) is the top-down rendering of the class at the max-sum latents (`drm.render`), g_l the
+  top-down signal arriving at latent level l. The reconstruction is the Gaussian part of the
+  log-joint under the factorized prior (`drm.model.factorized_log_joint`: its latent-prior part
+  has no gradient, z* being discrete). The non-negativity penalty pushes the model towards E3's
+  condition, under which max-sum is the exact MAP; `drm.refine.inference_gap_lower_bound`
+  measures how far it is.
+
+What the authors' public code does (read for this module; docs/semisupervised.md has the detail):
+the DRMM's "KL" term is -sum_c gamma_c log(C gamma_c) = H(gamma) - log C with gamma the softmax,
+i.e. per-image entropy minimisation (our `entropy`, up to the constant), and neither code has a
+term on the latent priors; its sign cost is our `nonnegativity`. `class_balance` is our addition:
+the class latent's batch-averaged posterior held to its prior pi, which stops entropy
+minimisation from collapsing the unlabelled images onto few classes (the marginal-entropy term of
+regularised information maximisation). The NRM's path normalisation compares the CNN prior's bias
+terms on the image's configuration with those of a reference configuration (c0, z0), max-sum's on
+an all-zero image; the authors render the reference from a vector of ones (every class at once),
+we render it from its own class c0, so that both sides are configurations of the prior.
+
+References:
+    Nguyen, Liu, Perez, Baraniuk, Patel, Semi-Supervised Learning with the Deep Rendering
+    Mixture Model, arXiv:1612.01942 (2016).
+    Ho, Nguyen, Patel et al., Neural Rendering Model, arXiv:1811.02657 (2018).
+    Grandvalet, Bengio, Semi-supervised Learning by Entropy Minimization, NIPS 2004.
+    Krause, Perona, Gomes, Discriminative Clustering by Regularized Information Maximization,
+    NIPS 2010.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from drm.distributed import Reduce, reduce_together
+from drm.em import OptimizerName, make_optimizer, sum_gradients
+from drm.inference import max_sum
+from drm.levels import Conv, Dense
+from drm.model import (
+    DeepRenderingModel,
+    Latents,
+    check_images,
+    gaussian_log_likelihood,
+    propagate_down,
+)
+
+UNLABELLED = -1  # the label of an unlabelled image in `step(x, y)`
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """The weight of each term of the semi-supervised loss (0 switches a term off)."""
+
+    cross_entropy: float = 1.0  # labelled images: -log p(y | x, z*)
+    reconstruction: float = 1.0  # every image: -log N(x; mu(c^, z*), sigma^2 I)
+    entropy: float = 0.2  # every image: entropy of p(c | x, z*)
+    nonnegativity: float = 1.0  # every image: squared negative part of the top-down signals
+    class_balance: float = 0.0  # the batch: KL(mean posterior || class prior)
+    path_normalization: float = 0.0  # every image: the NRM's path normalisation
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"the weight of {field.name} must be finite and >= 0, got {value}")
+
+    def items(self) -> list[tuple[str, float]]:
+        """(term name, weight) pairs in the order of the fields."""
+        return [(f.name, float(getattr(self, f.name))) for f in dataclasses.fields(self)]
+
+
+TERMS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossWeights))
+# Terms that are a mean over the images of the batch (the others: a mean over its labelled
+# images, or a function of the whole batch).
+PER_IMAGE_TERMS = ("reconstruction", "entropy", "nonnegativity", "path_normalization")
+
+
+# --- the terms ---------------------------------------------------------------------------------
+
+
+def cross_entropy_term(scores: Tensor, labels: Tensor) -> Tensor:
+    """-(1/|L|) sum_{n in L} log softmax(s_n)_{y_n} over the labelled images L (0 if none).
+
+    Args:
+        scores: (B, C) max-sum scores (the CNN logits).
+        labels: (B,) int64, UNLABELLED (-1) for unlabelled images.
+    """
+    labelled = labels >= 0
+    if not bool(labelled.any()):
+        return scores.sum() * 0.0
+    return F.cross_entropy(scores[labelled], labels[labelled])
+
+
+def reconstruction_term(model: DeepRenderingModel, x: Tensor, mu: Tensor) -> Tensor:
+    """(1/B) sum_n [ ||x_n - mu_n||^2 / (2 sigma^2) + (D/2) log(2 pi sigma^2) ].
+
+    The Gaussian negative log-likelihood of the images under their renderings mu(c^, z*), i.e.
+    minus the pixel part of `drm.model.factorized_log_joint`. x, mu: (B, C0, H, W).
+    """
+    return -gaussian_log_likelihood(model, x, mu).mean()
+
+
+def entropy_term(scores: Tensor) -> Tensor:
+    """(1/B) sum_n H(q_n), q_n = softmax(s_n): the posterior's entropy (entropy minimisation).
+
+    The DRMM code's "KL" term, -sum_c q_c log(C q_c), is this minus log C.
+    """
+    log_q = scores.log_softmax(1)
+    return -(log_q.exp() * log_q).sum(1).mean()
+
+
+def nonnegativity_term(model: DeepRenderingModel, signals: list[Tensor]) -> Tensor:
+    """sum_l mean relu(-g_l)^2 over the latent levels l (mean over images and units).
+
+    Args:
+        signals: `propagate_down`'s list; signals[l + 1] is the top-down signal g_l that reaches
+            the output of level l. When every g_l that reaches a latent is >= 0, max-sum is the
+            exact MAP (E3); the penalty is 0 exactly then.
+    """
+    total = signals[0].new_zeros(())
+    for index in model.latent_levels:
+        total = total + F.relu(-signals[index + 1]).pow(2).mean()
+    return total
+
+
+def class_balance_term(mean_posterior: Tensor, log_prior: Tensor) -> Tensor:
+    """KL(q || pi) = sum_c q_c (log q_c - log pi_c) for the batch's mean posterior q: (C,) -> ()."""
+    return (mean_posterior * (mean_posterior.clamp_min(1e-30).log() - log_prior)).sum()
+
+
+def path_normalization_term(
+    model: DeepRenderingModel,
+    classes: Tensor,
+    signals: list[Tensor],
+    reference_class: Tensor,
+    reference_signals: list[Tensor],
+) -> Tensor:
+    """(1/B) sum_n |log pi_{c_n} - log pi_{c0}| + sum_l mean |b_l * (g_l - g0_l)| (NRM).
+
+    The CNN prior's bias terms <b_l, g_l> unit by unit, on each image's configuration against
+    the reference configuration (c0, z0) (one image: max-sum's on an all-zero image).
+
+    Args:
+        classes: (B,) the rendered classes; signals: their `propagate_down` list.
+        reference_class: (1,) c0; reference_signals: its `propagate_down` list (batch 1).
+    """
+    log_prior = model.class_log_prior
+    total = (log_prior[classes] - log_prior[reference_class]).abs().mean()
+    for index, level in enumerate(model.levels):
+        if isinstance(level, (Conv, Dense)) and index + 1 < len(model.levels):
+            bias = level.bias.view(-1, *([1] * (len(level.out_shape) - 1)))  # (K, 1, 1) or (K,)
+            gap = signals[index + 1] - reference_signals[index + 1]
+            total = total + (bias * gap).abs().mean()
+    return total
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+
+class SemiSupervisedEM:
+    """Semi-supervised EM on the DRM: max-sum E-step, one gradient M-step on the weighted terms.
+
+    The loop shape of `drm.em.Trainer`: `step(x, y)` with y = UNLABELLED (-1) for unlabelled
+    images, `end_epoch()` (the epoch's mean of every term), `current_model()`.
+
+    Args:
+        model: the DRM, trained in place.
+        weights: the weight of each term; with every weight but cross_entropy at 0 a step is a
+            discriminative EM (= SGD) step on the batch's labelled images.
+        optimizer, lr: the M-step's optimizer.
+        reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
+            None: one process. Each process holds a shard of the global batch; the counts of
+            images and labels and the batch's summed posterior are summed first (one
+            collective), every term is then normalised by the global counts, and the gradients
+            are summed before the step, so every process takes the whole batch's step.
+    """
+
+    def __init__(
+        self,
+        model: DeepRenderingModel,
+        weights: LossWeights | None = None,
+        optimizer: OptimizerName = "adam",
+        lr: float = 1e-3,
+        reduce: Reduce | None = None,
+    ) -> None:
+        self.model = model
+        self.weights = weights if weights is not None else LossWeights()
+        self.optimizer = make_optimizer(model.parameters(), optimizer, lr)
+        self.reduce = reduce
+        self._reset_sums()
+
+    def _reset_sums(self) -> None:
+        self._sums = dict.fromkeys((*TERMS, "loss"), 0.0)
+        self._images = 0.0
+
+    def check_batch(self, x: Tensor, y: Tensor) -> None:
+        """Raise a clear error unless x (B, C0, H, W) and y (B,) (labels or -1) fit the model."""
+        check_images(self.model, x)
+        if not isinstance(y, Tensor) or y.dtype != torch.long:
+            raise TypeError("y must be an int64 tensor of labels, -1 for unlabelled images")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < UNLABELLED or int(y.max()) >= self.model.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.model.num_classes}) or be -1 (unlabelled), got "
+                f"values in [{int(y.min())}, {int(y.max())}]"
+            )
+
+    def e_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Latents, Tensor]:
+        """(scores (B, C), latents z*, rendered classes c^ (B,)): the label, else the prediction."""
+        scores, latents = max_sum(self.model, x)
+        classes = torch.where(y >= 0, y, scores.detach().argmax(1))
+        return scores, latents, classes
+
+    def terms(
+        self, x: Tensor, y: Tensor, counts: tuple[float, float] | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Every term on the batch, and the loss whose gradient the M-step follows.
+
+        Args:
+            x: (B, C0, H, W) images; y: (B,) labels, UNLABELLED (-1) where unknown.
+            counts: (images, labelled images) of the global batch when this batch is one
+                process's shard of it (then `reduce` must be set); None: the batch is whole.
+
+        Returns:
+            terms: name -> this batch's part of the global batch's term (unweighted, detached
+                where its weight is 0); over the processes the parts add up to the term.
+            loss: sum of weight * term, differentiable; over the processes the gradients add up
+                to the global batch's.
+        """
+        model = self.model
+        scores, latents, classes = self.e_step(x, y)
+        local_images, local_labelled = x.shape[0], int((y >= 0).sum())
+        images, labelled = (local_images, local_labelled) if counts is None else counts
+        # A mean over this batch times its share of the global count: the parts add up.
+        image_share = local_images / images if images else 0.0
+        label_share = local_labelled / labelled if labelled else 0.0
+        # The batch's mean posterior: this batch's images carry the gradient, the other shards'
+        # are constants (summed in), so the shards' gradients add up to the global batch's.
+        posterior_sum = scores.softmax(1).sum(0)  # (C,)
+        others = posterior_sum.detach()
+        if counts is not None:
+            assert self.reduce is not None
+            others = self.reduce(others.clone()) - others
+        mean_posterior = (posterior_sum + others) / max(images, 1)
+        balance = class_balance_term(mean_posterior, model.class_log_prior.detach())
+        rendering = self._rendering_weighted()
+        with torch.set_grad_enabled(rendering and torch.is_grad_enabled()):
+            signals = propagate_down(model, classes, latents)
+            mu = model.sigma2 * signals[0]
+            if local_images:
+                pn = self._path_normalization(classes, signals)
+                parts = {
+                    "reconstruction": reconstruction_term(model, x, mu),
+                    "entropy": entropy_term(scores),
+                    "nonnegativity": nonnegativity_term(model, signals),
+                    "path_normalization": pn,
+                }
+            else:  # an empty shard (data-parallel): its part is zero, with a graph for DDP-like
+                parts = dict.fromkeys(PER_IMAGE_TERMS, scores.sum() * 0.0)
+        values = {"cross_entropy": cross_entropy_term(scores, y) * label_share}
+        values.update({name: part * image_share for name, part in parts.items()})
+        values["class_balance"] = balance  # the global value: counted once below
+        weights = dict(self.weights.items())
+        loss = sum(
+            (w * values[name] for name, w in weights.items() if w > 0), start=scores.new_zeros(())
+        )
+        values["class_balance"] = balance * image_share
+        return {k: (v if weights[k] > 0 else v.detach()) for k, v in values.items()}, loss
+
+    def _rendering_weighted(self) -> bool:
+        """Whether a weighted term needs the rendering's gradient."""
+        w = self.weights
+        return w.reconstruction > 0 or w.nonnegativity > 0 or w.path_normalization > 0
+
+    def _path_normalization(self, classes: Tensor, signals: list[Tensor]) -> Tensor:
+        model = self.model
+        zero = torch.zeros(1, *model.input_shape, dtype=model.dtype, device=model.device)
+        reference_scores, reference_latents = max_sum(model, zero)
+        reference_class = reference_scores.detach().argmax(1)
+        reference_signals = propagate_down(model, reference_class, reference_latents)
+        return path_normalization_term(model, classes, signals, reference_class, reference_signals)
+
+    def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
+        """One EM round on the batch: E-step, then one M-step on the weighted terms.
+
+        Returns the batch's mean loss; for a shard (data-parallel), its part of the global
+        batch's loss divided by `share` (b / B), so that sum over shards of loss * b / B is the
+        global batch's loss.
+        """
+        self.check_batch(x, y)
+        if x.shape[0] == 0 and self.reduce is None:
+            raise ValueError("x must hold at least one image, got an empty batch")
+        counts = None
+        if self.reduce is not None:
+            local = torch.tensor(
+                [float(x.shape[0]), float((y >= 0).sum())], dtype=torch.float64, device=x.device
+            )
+            summed = self.reduce(local)
+            counts = (float(summed[0]), float(summed[1]))
+        values, loss = self.terms(x, y, counts)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.reduce is not None:
+            sum_gradients(list(self.model.parameters()), self.reduce)
+        self.optimizer.step()
+        images = float(x.shape[0]) if counts is None else counts[0]
+        part = sum(w * float(values[name].detach()) for name, w in self.weights.items() if w > 0)
+        for name, value in values.items():
+            self._sums[name] += float(value.detach()) * images
+        self._sums["loss"] += part * images
+        self._images += images
+        return part / share if x.shape[0] and share > 0 else 0.0
+
+    def end_epoch(self) -> dict[str, float]:
+        """The epoch's mean of every term and of the loss (over the steps, by batch size)."""
+        names = list(self._sums)
+        sums = torch.tensor([self._sums[k] for k in names], dtype=torch.float64)
+        if self.reduce is not None:
+            (sums,) = reduce_together([sums], self.reduce)
+        summary = {}
+        if self._images:
+            summary = {
+                name: float(value) / self._images
+                for name, value in zip(names, sums.tolist(), strict=True)
+            }
+        self._reset_sums()
+        return summary
+
+    def current_model(self) -> DeepRenderingModel:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+__all__ = [
+    "PER_IMAGE_TERMS",
+    "TERMS",
+    "UNLABELLED",
+    "LossWeights",
+    "SemiSupervisedEM",
+    "class_balance_term",
+    "cross_entropy_term",
+    "entropy_term",
+    "nonnegativity_term",
+    "path_normalization_term",
+    "reconstruction_term",
+]

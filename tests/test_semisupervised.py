@@ -1,0 +1,339 @@
+"""Semi-supervised learning through the rendering path: each term against an independent oracle.
+
+Oracles:
+* the reconstruction term against `drm.log_joint` (the CNN-prior log-joint, from which the pixel
+  part is recovered) and `drm.model.factorized_log_joint`; its parameter gradient against autograd
+  of an explicit formula that renders by the input gradient of the frozen-latent CNN (E6), not by
+  the top-down pass;
+* cross-entropy, entropy and class balance against hand-written float64 formulas (scipy's KL);
+* the non-negativity penalty against the top-down signals, and 0 exactly when E3's condition
+  holds;
+* the trainer with every term but the cross-entropy switched off against discriminative EM (=
+  SGD, E9) on the labelled images alone: the same trajectory;
+* the factorized prior against enumeration (it sums to 1 over every configuration);
+* the generative classifier against `factorized_log_joint`, class by class;
+* the certified inference-gap bound between 0 and the exact gap (`drm.exact_map`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+import torch
+import torch.nn.functional as F
+
+import drm
+from drm.inference import generative_scores
+from drm.model import factorized_log_joint, factorized_log_prior, propagate_down
+from drm.reference import configurations, num_configurations
+from drm.refine import inference_gap_lower_bound
+from drm.semisupervised import (
+    UNLABELLED,
+    LossWeights,
+    SemiSupervisedEM,
+    class_balance_term,
+    cross_entropy_term,
+    entropy_term,
+    nonnegativity_term,
+    path_normalization_term,
+    reconstruction_term,
+)
+from tests.architectures import ARCHITECTURES, TINY_ARCHITECTURES, build, images
+
+IDENTITY_TOL = 1e-10  # float64 identities (sums of a few thousand terms)
+TRAJECTORY_TOL = 1e-12  # float64: the same arithmetic on different batch layouts
+PARAMETER_NAMES = ["lenet", "leaky", "avgpool", "pool-before-switch"]
+
+
+def labels_with_unlabelled(model: drm.DeepRenderingModel, n: int, seed: int) -> torch.Tensor:
+    """(n,) labels, every third one UNLABELLED."""
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, model.num_classes, (n,), generator=generator)
+    y[::3] = UNLABELLED
+    return y
+
+
+@pytest.mark.parametrize("name", PARAMETER_NAMES)
+def test_reconstruction_is_the_pixel_part_of_the_log_joint(name: str) -> None:
+    model = build(ARCHITECTURES[name], seed=1, sigma2=0.7)
+    x = images(model, 5, seed=2)
+    with torch.no_grad():
+        scores, latents = drm.max_sum(model, x)
+        classes = scores.argmax(1)
+        mu, cnn_log_prior = drm.rendering_terms(model, classes, latents)
+        # oracle 1: the CNN-prior log-joint minus its prior terms ||mu||^2 / (2 sigma^2) + ...
+        energy = (mu**2).flatten(1).sum(1) / (2 * model.sigma2)
+        pixel_part = drm.log_joint(model, x, classes, latents) - energy - cnn_log_prior
+        # oracle 2: the factorized-prior log-joint minus its (normalised) prior
+        factorized = factorized_log_joint(model, x, classes, latents) - factorized_log_prior(
+            model, classes, latents
+        )
+        term = reconstruction_term(model, x, mu)
+    torch.testing.assert_close(term, -pixel_part.mean(), atol=IDENTITY_TOL, rtol=0)
+    torch.testing.assert_close(term, -factorized.mean(), atol=IDENTITY_TOL, rtol=0)
+    # and by hand
+    d = math.prod(model.input_shape)
+    by_hand = ((x - mu) ** 2).flatten(1).sum(1) / 1.4 + 0.5 * d * math.log(2 * math.pi * 0.7)
+    torch.testing.assert_close(term, by_hand.mean(), atol=IDENTITY_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", PARAMETER_NAMES)
+def test_reconstruction_gradient_matches_rendering_by_the_input_gradient(name: str) -> None:
+    """Autograd through the top-down pass = double backward through d logit_c / dx (E6)."""
+    model = build(ARCHITECTURES[name], seed=3, sigma2=0.5)
+    x = images(model, 4, seed=4)
+    scores, latents = drm.max_sum(model, x)
+    classes = scores.detach().argmax(1)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    mu = model.sigma2 * propagate_down(model, classes, latents)[0]
+    ours = torch.autograd.grad(reconstruction_term(model, x, mu), parameters, allow_unused=True)
+
+    # explicit formula: mu = sigma^2 d/dx logit_c(x; z*) with the latents frozen, and
+    # NLL = ||x - mu||^2 / (2 sigma^2) + (D/2) log(2 pi sigma^2), averaged over images
+    xg = x.clone().requires_grad_()
+    chosen = drm.frozen_scores(model, xg, latents).gather(1, classes[:, None]).sum()
+    (gradient,) = torch.autograd.grad(chosen, xg, create_graph=True)
+    rendered = model.sigma2 * gradient
+    d = math.prod(model.input_shape)
+    nll = ((x - rendered) ** 2).flatten(1).sum(1) / (2 * model.sigma2) + 0.5 * d * torch.log(
+        2 * math.pi * model.sigma2
+    )
+    theirs = torch.autograd.grad(nll.mean(), parameters, allow_unused=True)
+    compared = 0
+    for p, a, b in zip(parameters, ours, theirs, strict=True):
+        # biases do not enter the rendering: no gradient, or a zero one
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        torch.testing.assert_close(a, b, atol=IDENTITY_TOL, rtol=0)
+        compared += int(float(b.abs().max()) > 0)
+    assert compared >= 2
+
+
+def test_cross_entropy_entropy_and_balance_against_float64_formulas() -> None:
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randn(7, 4, generator=generator, dtype=torch.float64) * 3
+    labels = torch.tensor([2, UNLABELLED, 0, 3, UNLABELLED, 1, UNLABELLED])
+    s = scores.numpy()
+    log_q = s - scipy.special.logsumexp(s, axis=1, keepdims=True)
+    known = labels.numpy() >= 0
+    expected_ce = -np.mean(log_q[known, labels.numpy()[known]])
+    assert float(cross_entropy_term(scores, labels)) == pytest.approx(expected_ce, abs=1e-12)
+    q = np.exp(log_q)
+    expected_entropy = np.mean(scipy.stats.entropy(q, axis=1))
+    assert float(entropy_term(scores)) == pytest.approx(expected_entropy, abs=1e-12)
+    # the DRMM code's "KL" term is the entropy minus log C
+    drmm_kl = -np.mean(np.sum(q * np.log(4 * q), axis=1))
+    assert float(entropy_term(scores)) - math.log(4) == pytest.approx(drmm_kl, abs=1e-12)
+    prior = np.array([0.1, 0.2, 0.3, 0.4])
+    q_bar = q.mean(0)
+    balance = class_balance_term(torch.from_numpy(q_bar), torch.from_numpy(np.log(prior)))
+    assert float(balance) == pytest.approx(scipy.stats.entropy(q_bar, prior), abs=1e-12)
+    # no labelled image: no cross-entropy
+    assert float(cross_entropy_term(scores, torch.full((7,), UNLABELLED))) == 0.0
+
+
+@pytest.mark.parametrize("name", PARAMETER_NAMES)
+def test_nonnegativity_penalises_the_negative_top_down_signals_at_latents(name: str) -> None:
+    model = build(ARCHITECTURES[name], seed=6)
+    x = images(model, 4, seed=7)
+    with torch.no_grad():
+        scores, latents = drm.max_sum(model, x)
+        signals = drm.top_down(model, scores.argmax(1), latents)
+    expected = sum(
+        float((torch.clamp(signals[i + 1], max=0.0) ** 2).sum()) / signals[i + 1].numel()
+        for i, level in enumerate(model.levels)
+        if isinstance(level, (drm.Switch, drm.MaxPool))
+    )
+    value = float(nonnegativity_term(model, signals))
+    assert value == pytest.approx(expected, rel=IDENTITY_TOL)
+    assert value > 0  # random signed templates: some signal is negative
+
+    nonnegative = build(ARCHITECTURES[name], seed=6, nonnegative=True)
+    assert not nonnegative.exactness_violations()
+    with torch.no_grad():
+        scores, latents = drm.max_sum(nonnegative, x)
+        signals = drm.top_down(nonnegative, scores.argmax(1), latents)
+    # E3's condition holds: every signal reaching a latent is >= 0, and the penalty is 0
+    assert float(nonnegativity_term(nonnegative, signals)) == 0.0
+
+
+def test_path_normalization_by_hand() -> None:
+    model = build(ARCHITECTURES["leaky"], seed=8)
+    x = images(model, 3, seed=9)
+    zero = torch.zeros(1, *model.input_shape, dtype=torch.float64)
+    with torch.no_grad():
+        scores, latents = drm.max_sum(model, x)
+        classes = scores.argmax(1)
+        signals = drm.top_down(model, classes, latents)
+        reference_scores, reference_latents = drm.max_sum(model, zero)
+        c0 = reference_scores.argmax(1)
+        reference = drm.top_down(model, c0, reference_latents)
+        value = path_normalization_term(model, classes, signals, c0, reference)
+        same = path_normalization_term(model, c0, reference, c0, reference)
+    log_prior = model.class_log_prior.detach()
+    expected = float((log_prior[classes] - log_prior[c0]).abs().mean())
+    for i, level in enumerate(list(model.levels)[:-1]):
+        if isinstance(level, (drm.Conv, drm.Dense)):
+            b = level.bias.detach()
+            shape = (1, -1, 1, 1) if signals[i + 1].ndim == 4 else (1, -1)
+            expected += float((b.view(shape) * (signals[i + 1] - reference[i + 1])).abs().mean())
+    assert float(value) == pytest.approx(expected, rel=IDENTITY_TOL)
+    assert float(same) == 0.0  # the reference against itself
+
+
+def test_weights_are_validated() -> None:
+    with pytest.raises(ValueError, match="entropy"):
+        LossWeights(entropy=-1.0)
+    with pytest.raises(ValueError, match="reconstruction"):
+        LossWeights(reconstruction=math.inf)
+
+
+def test_step_refuses_bad_labels() -> None:
+    model = build(ARCHITECTURES["leaky"], seed=10)
+    trainer = SemiSupervisedEM(model)
+    x = images(model, 4, seed=11)
+    with pytest.raises(ValueError, match="-1"):
+        trainer.step(x, torch.tensor([0, 1, -2, 0]))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        trainer.step(x, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(TypeError, match="int64"):
+        trainer.step(x, torch.tensor([0.0, 1.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match="shape"):
+        trainer.step(x, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_cross_entropy_alone_is_discriminative_em_on_the_labelled_images(optimizer: str) -> None:
+    """Zero weight on every other term: the trajectory of DEM(1) = SGD (E9) on the labels."""
+    model = build(ARCHITECTURES["leaky"], seed=12)
+    weights = LossWeights(
+        reconstruction=0.0, entropy=0.0, nonnegativity=0.0, class_balance=0.0,
+        path_normalization=0.0,
+    )  # fmt: skip
+    ours = SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
+    dem = drm.DiscriminativeEM(copy.deepcopy(model), optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
+    for step in range(4):
+        x = images(model, 9, seed=20 + step)
+        y = labels_with_unlabelled(model, 9, seed=30 + step)
+        known = y >= 0
+        loss = ours.step(x, y)
+        dem_loss = dem.step(x[known], y[known])
+        assert loss == pytest.approx(dem_loss, abs=TRAJECTORY_TOL)
+    moved = 0.0
+    for (name, a), b, c in zip(
+        ours.model.state_dict().items(),
+        dem.model.state_dict().values(),
+        model.state_dict().values(),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=TRAJECTORY_TOL, rtol=0, msg=name)
+        moved = max(moved, float((a - c).abs().max()))
+    assert moved > 1e-3  # the comparison is not vacuous
+
+
+def test_every_term_trains_and_the_summary_is_the_epoch_mean() -> None:
+    model = build(ARCHITECTURES["leaky"], seed=13)
+    weights = LossWeights(class_balance=0.5, path_normalization=0.5)
+    trainer = SemiSupervisedEM(model, weights, lr=0.01)
+    batches = [(images(model, 6, seed=40 + i), labels_with_unlabelled(model, 6, 50 + i))
+               for i in range(3)]  # fmt: skip
+    before = copy.deepcopy(model.state_dict())
+    losses = []
+    for x, y in batches:
+        with torch.no_grad():  # the terms at the parameters the step starts from
+            values, loss = trainer.terms(x, y)
+        total = sum(w * float(values[k]) for k, w in weights.items())
+        assert float(loss) == pytest.approx(total, rel=IDENTITY_TOL)
+        losses.append((values, total))
+        assert trainer.step(x, y) == pytest.approx(total, rel=IDENTITY_TOL)
+    summary = trainer.end_epoch()
+    for name, _ in weights.items():
+        assert summary[name] == pytest.approx(np.mean([float(v[name]) for v, _ in losses]))
+    assert summary["loss"] == pytest.approx(np.mean([t for _, t in losses]))
+    assert trainer.end_epoch() == {}  # the sums start again
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- the generative view ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["conv-relu-pool", "padding-stride", "pool-then-switch"])
+def test_the_factorized_prior_is_normalised(name: str) -> None:
+    """sum over every (c, z) of p(c, z) = 1 (enumeration), with non-uniform switch priors."""
+    model = build(TINY_ARCHITECTURES[name], seed=14)
+    for i, level in enumerate(model.levels):
+        if isinstance(level, drm.Switch):
+            level.set_prior_on(0.2 + 0.1 * i)
+    total = num_configurations(model)
+    latents = configurations(model, torch.arange(total))
+    log_mass = []
+    for c in range(model.num_classes):
+        classes = torch.full((total,), c, dtype=torch.long)
+        log_mass.append(factorized_log_prior(model, classes, latents))
+    mass = torch.logsumexp(torch.cat(log_mass), 0).detach()
+    assert float(mass) == pytest.approx(0.0, abs=IDENTITY_TOL)
+
+
+@pytest.mark.parametrize("name", PARAMETER_NAMES)
+def test_generative_scores_are_the_factorized_log_joint_of_every_class(name: str) -> None:
+    model = build(ARCHITECTURES[name], seed=15)
+    x = images(model, 4, seed=16)
+    with torch.no_grad():
+        _, latents = drm.max_sum(model, x)
+        scores = generative_scores(model, x)
+        for c in range(model.num_classes):
+            classes = torch.full((4,), c, dtype=torch.long)
+            expected = factorized_log_joint(model, x, classes, latents)
+            torch.testing.assert_close(scores[:, c], expected, atol=IDENTITY_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_ARCHITECTURES))
+def test_inference_gap_bound_lies_between_zero_and_the_exact_gap(name: str) -> None:
+    model = build(TINY_ARCHITECTURES[name], seed=17)
+    x = images(model, 6, seed=18)
+    with torch.no_grad():
+        scores, _ = drm.max_sum(model, x)
+        classes = scores.argmax(1)
+        exact = drm.exact_map(model, x)[0] + drm.logit_offset(model, x)[:, None]
+        exact_gap = (exact - scores).gather(1, classes[:, None])[:, 0]
+    bound = inference_gap_lower_bound(model, x)
+    assert bool((bound >= 0).all())
+    assert bool((bound <= exact_gap + IDENTITY_TOL).all())
+    nonnegative = build(TINY_ARCHITECTURES[name], seed=17, nonnegative=True)
+    assert float(inference_gap_lower_bound(nonnegative, x).abs().max()) == 0.0
+
+
+def test_inference_gap_bound_is_positive_somewhere() -> None:
+    gaps = []
+    for name in sorted(TINY_ARCHITECTURES):
+        model = build(TINY_ARCHITECTURES[name], seed=19)
+        gaps.append(inference_gap_lower_bound(model, images(model, 6, seed=20)))
+    assert float(torch.cat(gaps).max()) > 1e-3
+
+
+def test_class_balance_gradient_reaches_every_image_of_the_batch() -> None:
+    """The batch term's gradient is that of KL(mean posterior || pi), by autograd on a formula."""
+    model = build(ARCHITECTURES["leaky"], seed=21)
+    weights = LossWeights(cross_entropy=0.0, reconstruction=0.0, entropy=0.0, nonnegativity=0.0,
+                          class_balance=1.0)  # fmt: skip
+    trainer = SemiSupervisedEM(model, weights)
+    x = images(model, 5, seed=22)
+    y = torch.full((5,), UNLABELLED)
+    _, loss = trainer.terms(x, y)
+    ours = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    scores, _ = drm.max_sum(model, x)
+    q = F.softmax(scores, 1).mean(0)
+    pi = model.class_log_prior.detach().exp()
+    kl = (q * (q / pi).log()).sum()
+    theirs = torch.autograd.grad(kl, list(model.parameters()), allow_unused=True)
+    for a, b in zip(ours, theirs, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, atol=IDENTITY_TOL, rtol=0)
