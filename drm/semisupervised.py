@@ -259,10 +259,11 @@ class SemiSupervisedEM:
         # The batch's mean posterior: this batch's images carry the gradient, the other shards'
         # are constants (summed in), so the shards' gradients add up to the global batch's.
         posterior_sum = scores.softmax(1).sum(0)  # (C,)
-        others = posterior_sum.detach()
+        others = torch.zeros_like(posterior_sum)
         if counts is not None:
             assert self.reduce is not None
-            others = self.reduce(others.clone()) - others
+            mine = posterior_sum.detach()
+            others = self.reduce(mine.clone()) - mine
         mean_posterior = (posterior_sum + others) / max(images, 1)
         balance = class_balance_term(mean_posterior, model.class_log_prior.detach())
         rendering = self._rendering_weighted()

@@ -38,6 +38,7 @@ from cnn_equiv import SGDTrainer
 from drm import distributed
 from drm.checkpoint import load_checkpoint
 from drm.em import DiscriminativeEM, GenerativeEM, sum_gradients
+from drm.semisupervised import UNLABELLED, LossWeights, SemiSupervisedEM
 from drm.shallow_em import ShallowEM
 from experiments import train
 from tests.architectures import ARCHITECTURES, TRAIN_ALGORITHMS, build, images
@@ -55,7 +56,7 @@ THREADS_F64_TOL = 1e-12
 # sgd and dem 5e-7, shallow em 0 (float64 statistics, then rounded to float32). Deep EM solves
 # linear systems by CG, which scales the rounding by the conditioning of the Gram matrix, and a
 # switch latent at the edge of 0 can flip (measured 4e-6). Each tolerance leaves >= 20x margin.
-F32_TOL = {"sgd": 1e-5, "dem": 1e-5, "em-deep": 1e-4, "em-shallow": 1e-6}
+F32_TOL = {"sgd": 1e-5, "dem": 1e-5, "em-deep": 1e-4, "em-shallow": 1e-6, "ssl": 1e-5}
 
 # 151 images in batches of 15: shards of 8 and 7, and a last batch of 1 (rank 1's shard empty).
 DATA = ["--data", "digits", "--limit-train", "151", "--limit-test", "100", "--batch-size", "15"]
@@ -249,6 +250,57 @@ def test_generative_em_shards_sum_to_the_whole_batch(refine_sweeps: int) -> None
     expected = ((counts.double() + 1.0) / (counts.sum() + 3)).log()
     for r in ranks:
         torch.testing.assert_close(r.model.class_log_prior, expected, atol=THREADS_F64_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_semisupervised_em_shards_sum_to_the_whole_batch(optimizer: str) -> None:
+    """Every term on (the class-balance term: a function of the whole batch's mean posterior)."""
+    model = build(ARCHITECTURES["leaky"], seed=31)
+    data: list[tuple[Tensor, Tensor | None]] = []
+    for x, y in batches(model, seed=32):
+        y = y.clone()
+        y[1::2] = UNLABELLED  # labelled and unlabelled images in every shard of 3
+        data.append((x, y))
+    weights = LossWeights(class_balance=0.7, path_normalization=0.3)
+    one = SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
+    ranks = [SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
+             for _ in range(3)]  # fmt: skip
+    whole(one, data, epochs=2)
+    sharded(ranks, data, epochs=2)
+    assert_same_parameters(one.model, ranks, THREADS_F64_TOL)
+    changed = (one.model.levels[0].weight - model.levels[0].weight).detach()
+    assert float(changed.abs().max()) > 1e-3  # the comparison is not vacuous
+
+
+def test_semisupervised_losses_and_summaries_add_up_over_shards() -> None:
+    """Each shard's returned loss * share sums to the whole batch's; end_epoch agrees."""
+    model = build(ARCHITECTURES["leaky"], seed=33)
+    x, y = batches(model, seed=34)[0]
+    y = y.clone()
+    y[::3] = UNLABELLED
+    weights = LossWeights(class_balance=0.7, path_normalization=0.3)
+    one = SemiSupervisedEM(copy.deepcopy(model), weights, lr=0.05)
+    expected = one.step(x, y)
+    summary = one.end_epoch()
+    ranks = [SemiSupervisedEM(copy.deepcopy(model), weights, lr=0.05) for _ in range(3)]
+    group = ThreadGroup(3)
+    losses: dict[int, float] = {}
+    summaries: dict[int, dict[str, float]] = {}
+    for r, trainer in enumerate(ranks):
+        trainer.reduce = group.reducer(r)
+
+    def work(rank: int) -> None:
+        part = distributed.shard(torch.arange(x.shape[0]), rank, 3)
+        share = len(part) / x.shape[0]
+        losses[rank] = ranks[rank].step(x[part], y[part], share=share) * share
+        summaries[rank] = ranks[rank].end_epoch()
+
+    group.run(work)
+    assert sum(losses.values()) == pytest.approx(expected, rel=THREADS_F64_TOL)
+    for rank in range(3):
+        assert summaries[rank].keys() == summary.keys()
+        for key, value in summary.items():
+            assert summaries[rank][key] == pytest.approx(value, rel=1e-10, abs=1e-12), key
 
 
 @pytest.mark.parametrize("hard", [False, True])

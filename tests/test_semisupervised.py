@@ -325,12 +325,14 @@ def test_class_balance_gradient_reaches_every_image_of_the_batch() -> None:
     trainer = SemiSupervisedEM(model, weights)
     x = images(model, 5, seed=22)
     y = torch.full((5,), UNLABELLED)
-    _, loss = trainer.terms(x, y)
+    values, loss = trainer.terms(x, y)
     ours = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     scores, _ = drm.max_sum(model, x)
     q = F.softmax(scores, 1).mean(0)
     pi = model.class_log_prior.detach().exp()
     kl = (q * (q / pi).log()).sum()
+    balance = float(values["class_balance"].detach())
+    assert balance == pytest.approx(float(kl.detach()), rel=IDENTITY_TOL)
     theirs = torch.autograd.grad(kl, list(model.parameters()), allow_unused=True)
     for a, b in zip(ours, theirs, strict=True):
         if a is None or b is None:

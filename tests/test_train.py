@@ -16,14 +16,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 import drm.em
 from drm.checkpoint import load_checkpoint
+from drm.data import labelled_subset
+from drm.inference import generative_scores
+from drm.refine import inference_gap_lower_bound
+from drm.semisupervised import TERMS
 from drm.config import ModelConfig
 from drm.shallow import ShallowRenderingModel
 from experiments import train
+from experiments.train import SSL_WEIGHTS
 from tests.architectures import TRAIN_ALGORITHMS, single_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,6 +225,108 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
         run(tmp_path, epochs=1)
     run(tmp_path, "--overwrite", "--seed", "1", epochs=1)
     assert json.loads((tmp_path / "config.json").read_text())["args"]["seed"] == 1
+
+
+# --- --labels and the semi-supervised algorithm ----------------------------------------------
+
+
+def test_semisupervised_batches_pair_every_image_with_labelled_ones() -> None:
+    labelled = torch.tensor([3, 8, 20, 41, 77])
+    batches = train.semisupervised_batches(100, labelled, 32, 4, seed=5, epoch=2)
+    assert len(batches) == 4  # one pass over the 100 images as unlabelled ones
+    unlabelled = torch.cat([index[~known] for index, known in batches])
+    assert torch.equal(unlabelled.sort().values, torch.arange(100))  # labelled ones included
+    stream = torch.cat([index[known] for index, known in batches])
+    assert [int(known.sum()) for _, known in batches] == [4, 4, 4, 4]
+    assert set(stream.tolist()) <= set(labelled.tolist())
+    counts = torch.bincount(stream, minlength=100)[labelled]
+    assert int(counts.max() - counts.min()) <= 1  # permutations of the labelled set, in turn
+    again = train.semisupervised_batches(100, labelled, 32, 4, seed=5, epoch=2)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, again, strict=True))
+
+
+def test_labelled_subset_is_balanced_seeded_and_saved(tmp_path: Path) -> None:
+    run(tmp_path / "a", "--algo", "ssl", "--labels", "50", epochs=1)
+    saved = json.loads((tmp_path / "a" / "labelled.json").read_text())
+    data = train.load_data("digits", 160, 100)
+    indices = torch.tensor(saved["indices"])
+    assert saved["labels"] == 50 and len(indices) == 50 and saved["seed"] == 0
+    assert torch.bincount(data.y_train[indices], minlength=10).tolist() == [5] * 10
+    assert torch.equal(indices, labelled_subset(data.y_train, 50, 10, seed=0))
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["data"]["labelled_images"] == 50 and config["data"]["train_images"] == 160
+    run(tmp_path / "b", "--algo", "ssl", "--labels", "50", "--seed", "1", epochs=1)
+    other = json.loads((tmp_path / "b" / "labelled.json").read_text())["indices"]
+    assert other != saved["indices"]  # another seed, another draw
+
+
+def test_supervised_baselines_train_on_the_labelled_images_alone(tmp_path: Path) -> None:
+    """Oracle: the same run on an .npz that holds only the labelled images."""
+    run(tmp_path / "labels", "--labels", "50", epochs=2)
+    indices = json.loads((tmp_path / "labels" / "labelled.json").read_text())["indices"]
+    data = train.load_data("digits", 160, 100)
+    path = tmp_path / "subset.npz"
+    np.savez(path, x_train=data.x_train[indices].numpy(), y_train=data.y_train[indices].numpy(),
+             x_test=data.x_test.numpy(), y_test=data.y_test.numpy())  # fmt: skip
+    argv = ["--data", str(path), "--batch-size", "32", "--epochs", "2", "--no-progress"]
+    train.main(train.parse_args([*argv, "--out", str(tmp_path / "npz")]))
+    a = load_checkpoint(tmp_path / "labels" / "model.safetensors").model.state_dict()
+    b = load_checkpoint(tmp_path / "npz" / "model.safetensors").model.state_dict()
+    assert_same(a, b)
+    metrics = json.loads((tmp_path / "labels" / "metrics.json").read_text())
+    assert [m["steps"] for m in metrics] == [2, 2]  # 50 images in batches of 32
+
+
+def test_ssl_records_every_term_and_the_generative_view(tmp_path: Path) -> None:
+    result = run(tmp_path, "--algo", "ssl", "--labels", "50", epochs=1)
+    record = result["metrics"][-1]
+    for term in TERMS:
+        assert math.isfinite(record[f"train_{term}"]), term
+    assert record["steps"] == 5  # 160 unlabelled images in batches of 32
+    model = load_checkpoint(tmp_path / "model.safetensors").model
+    data = train.load_data("digits", 160, 100)
+    with torch.no_grad():  # oracle: the library's generative classifier on the same images
+        predicted = generative_scores(model, data.x_test).argmax(1)
+        gaps = inference_gap_lower_bound(model, data.x_test)
+    assert record["test_generative_accuracy"] == float((predicted == data.y_test).double().mean())
+    assert record["test_inference_gap"] == pytest.approx(float(gaps.double().mean()), rel=1e-5)
+    assert record["test_inference_gap"] >= 0
+
+
+def test_resume_refuses_a_changed_labelled_subset(tmp_path: Path) -> None:
+    data = train.load_data("digits", 160, 100)
+    path = tmp_path / "data.npz"
+    arrays = {"x_train": data.x_train.numpy(), "y_train": data.y_train.numpy(),
+              "x_test": data.x_test.numpy(), "y_test": data.y_test.numpy()}  # fmt: skip
+    np.savez(path, **arrays)
+    argv = ["--data", str(path), "--algo", "ssl", "--labels", "50", "--no-progress"]
+    train.main(train.parse_args([*argv, "--epochs", "1", "--out", str(tmp_path / "run")]))
+    arrays["y_train"] = np.roll(arrays["y_train"], 1)  # other labels: another balanced draw
+    np.savez(path, **arrays)
+    with pytest.raises(train.RunError, match="labelled subset"):
+        train.main(train.parse_args([*argv, "--epochs", "2", "--out", str(tmp_path / "run"),
+                                     "--resume"]))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"), [("55", "multiple of the 10 classes"), ("170", "[1, 160]")]
+)
+def test_bad_label_counts_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], labels: str, message: str
+) -> None:
+    for algo in ("ssl", "sgd"):
+        line = cli_error(capsys, [*SMALL, "--algo", algo, "--labels", labels, "--out",
+                                  str(tmp_path / algo)])  # fmt: skip
+        assert message in line and "--labels" in line
+
+
+def test_ssl_options_apply_to_ssl_only(capsys: pytest.CaptureFixture[str]) -> None:
+    for option in ("--entropy-weight", "--labelled-batch-size"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--smoke", "--algo", "dem", option, "1"])
+        assert "applies to --algo ssl" in capsys.readouterr().err
+    args = train.parse_args(["--smoke", "--algo", "ssl", "--entropy-weight", "0.5"])
+    assert args.entropy_weight == 0.5 and args.reconstruction_weight == SSL_WEIGHTS.reconstruction
 
 
 # --- one-line errors -------------------------------------------------------------------------
