@@ -22,11 +22,11 @@ import torch
 
 import drm.em
 from drm.checkpoint import load_checkpoint
+from drm.config import ModelConfig
 from drm.data import labelled_subset
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound
 from drm.semisupervised import TERMS
-from drm.config import ModelConfig
 from drm.shallow import ShallowRenderingModel
 from experiments import train
 from experiments.train import SSL_WEIGHTS
