@@ -6,6 +6,7 @@ Public entry points:
     render(model, classes, latents)             top-down rendering mu(c, z)
     log_joint(model, x, classes, latents)       log p(x, c, z) + log Z under the CNN prior
     sample(model, n, prior="factorized")        ancestral sampling of (x, c, z)
+    SemiSupervisedEM(model, LossWeights(...))   semi-supervised EM through the rendering path
     save_model(model, path), load_model(path)   safetensors checkpoints (atomic, never unpickled)
 
 References:
@@ -42,6 +43,7 @@ from drm.model import (
     top_down,
 )
 from drm.reference import exact_map, num_configurations
+from drm.semisupervised import LossWeights, SemiSupervisedEM
 from drm.shallow import ShallowRenderingModel
 from drm.shallow_em import ShallowEM
 
@@ -60,10 +62,12 @@ __all__ = [
     "GenerativeEM",
     "Latents",
     "Level",
+    "LossWeights",
     "MaxPool",
     "MaxPoolSpec",
     "ModelConfig",
     "Sample",
+    "SemiSupervisedEM",
     "ShallowEM",
     "ShallowRenderingModel",
     "Switch",

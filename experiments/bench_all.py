@@ -5,7 +5,9 @@ images (`drm.data.load_mnist()`), with the thread count stated in the output:
 
 1. throughput (images/s) of every algorithm of the library: `drm.max_sum` and the `to_cnn(model)`
    forward pass (inference), one training step of SGD (`SGDTrainer.step`), of discriminative EM
-   with 1 and 3 M-steps, of generative EM (`GenerativeEM.step`, default settings), an
+   with 1 and 3 M-steps, of generative EM (`GenerativeEM.step`, default settings), of
+   semi-supervised EM (`SemiSupervisedEM.step`, default terms, a third of the batch labelled;
+   its time per step is also given as a multiple of the SGD step's on the same batch), an
    epoch-equivalent of shallow EM (`ShallowEM.step` over the images + `end_epoch`, 28x28 images,
    26x26 templates at the 9 interior placements), and `drm.exact_map` on a tiny model; each deep
    algorithm also with the model in channels_last memory format
@@ -68,12 +70,14 @@ import drm
 from cnn_equiv import SGDTrainer, to_cnn
 from drm.data import load_mnist
 from drm.em import DiscriminativeEM, GenerativeEM
+from drm.semisupervised import UNLABELLED, SemiSupervisedEM
 from drm.shallow_em import ShallowEM, init_from_class_means
 from experiments.bench_inference import interleaved, synchronize, tiny_model, tiny_patches
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNELS_LAST = torch.channels_last
 MIB = 1024.0**2
+SSL_STEP = "semi-supervised EM step (a third labelled)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +245,13 @@ def throughput(args: argparse.Namespace, data: Any, device: torch.device) -> lis
         trainers[f"DEM step, 1 M-step/{k}"] = DiscriminativeEM(copy.deepcopy(m), m_steps=1)
         trainers[f"DEM step, 3 M-steps/{k}"] = DiscriminativeEM(copy.deepcopy(m), m_steps=3)
         trainers[f"generative EM step/{k}"] = GenerativeEM(copy.deepcopy(m))
-    streams = {name: itertools.cycle(batches) for name in trainers}
+        trainers[f"{SSL_STEP}/{k}"] = SemiSupervisedEM(copy.deepcopy(m))
+    # the semi-supervised step on the same images, a third of them labelled (32 + 64 by default)
+    partly = [(x, torch.where(torch.arange(len(y), device=y.device) < len(y) // 3, y, UNLABELLED))
+              for x, y in batches]  # fmt: skip
+    streams = {
+        name: itertools.cycle(partly if name.startswith(SSL_STEP) else batches) for name in trainers
+    }
 
     def train_step(name: str) -> None:
         trainers[name].step(*next(streams[name]))
@@ -803,6 +813,17 @@ def format_table(results: dict[str, Any]) -> str:
             f"| {r['algorithm']} | {r['batch']} | {_num(r['images_per_s'], 1)} "
             f"| {r['seconds_per_call'] * 1e3:,.2f} | {_num(r['channels_last_images_per_s'], 1)} "
             f"| {_num(r['channels_last_speedup'], 2)}{'x' if r['channels_last_speedup'] else ''} |"
+        )
+    by_name = {r["algorithm"]: r for r in results["throughput"]}
+    if SSL_STEP in by_name and "SGD step (Adam)" in by_name:
+        ssl, sgd = by_name[SSL_STEP], by_name["SGD step (Adam)"]
+        ratios = [ssl["seconds_per_call"] / sgd["seconds_per_call"]]
+        if ssl["channels_last_images_per_s"] and sgd["channels_last_images_per_s"]:
+            ratios.append(sgd["channels_last_images_per_s"] / ssl["channels_last_images_per_s"])
+        lines.append(
+            "semi-supervised step / SGD step, same batch: "
+            + " (NCHW), ".join(f"{r:.2f}x" for r in ratios)
+            + (" (channels_last)" if len(ratios) > 1 else " (NCHW)")
         )
 
     p = results["peak"]

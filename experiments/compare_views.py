@@ -14,7 +14,12 @@ Sections (the second half of the lecture):
      (ROC AUC);
   6. inference beyond the CNN: the coordinate-ascent refinement of the latents (a top-down E-step):
      how much of the exact inference gap it closes on a tiny model, and how often it changes the
-     prediction of the trained model.
+     prediction of the trained model;
+  7. renderings: what the model draws, mu(c, z*) of its predicted class at the max-sum latents,
+     every class rendered through one image's latents, and draws from the factorized prior; with
+     --compare-model DIR (e.g. a semi-supervised run, `--algo ssl`) the second model's beside the
+     first's on the same images, with their reconstruction errors, generative classifiers and
+     inference gaps.
 
 The model is a training run directory or checkpoint (`experiments.train`) or a torch LeNet
 state_dict file (`--torch-cnn FILE`, loaded with `torch.load(weights_only=True)`: no unpickling of
@@ -22,6 +27,7 @@ code); without either, a LeNet is trained first (`experiments.train`, 2 epochs, 
 
 Command:
     python -m experiments.compare_views --model runs/sgd_2epochs --out runs/views   # ~2 min
+    python -m experiments.compare_views --model runs/sgd --compare-model runs/ssl --out runs/views
     python -m experiments.compare_views --smoke       # digits, small sizes, seconds (tests)
 
 Expected output: runs/views/index.html with 8 figures and the tables; the line printed last gives
@@ -65,7 +71,8 @@ from cnn_equiv.visualize import (
     unit_template,
 )
 from drm.data import Dataset, load_digits, load_mnist
-from drm.refine import refine_latents
+from drm.inference import generative_scores
+from drm.refine import inference_gap_lower_bound, refine_latents
 from experiments import train
 from experiments._html import Report
 from experiments.demo import TINY_PATCH_CONFIG
@@ -349,16 +356,88 @@ def section_refinement(report: Report, model: drm.DeepRenderingModel, data: Data
             "accuracy_cnn": float(acc_cnn), "accuracy_refined": float(acc_refined)}  # fmt: skip
 
 
+def rendering_statistics(model: drm.DeepRenderingModel, x: Tensor, y: Tensor) -> list[float]:
+    """[CNN accuracy, generative accuracy, rendering MSE per pixel, inference-gap bound]."""
+    with torch.no_grad():
+        scores, latents = drm.max_sum(model, x)
+        mu = drm.render(model, scores.argmax(1), latents)
+        generative = generative_scores(model, x, latents).argmax(1)
+    gap = inference_gap_lower_bound(model, x, max_sweeps=5)
+    return [float((scores.argmax(1) == y).double().mean()),
+            float((generative == y).double().mean()), float(((x - mu) ** 2).mean()),
+            float(gap.mean())]  # fmt: skip
+
+
+def section_renderings(report: Report, models: dict[str, drm.DeepRenderingModel], data: Dataset,
+                       sizes: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    report.heading("7. Renderings: what the model draws")
+    x, y = first_images_per_class(data, 1)
+    x, y = x[: sizes["rendering_images"]], y[: sizes["rendering_images"]]
+    rows = [[image] for image in x]
+    for model in models.values():
+        with torch.no_grad():
+            scores, latents = drm.max_sum(model, x)
+            mu = drm.render(model, scores.argmax(1), latents)
+        for row, rendered in zip(rows, mu, strict=True):
+            row.append(rendered)
+    names = list(models)
+    report.grid(
+        "renderings", rows, [f"label {int(c)}" for c in y],
+        ["image", *(f"mu(c^, z*): {n}" for n in names)],
+        "Each test image and the rendering mu(c^, z*) of its predicted class at the max-sum "
+        "latents (the image the model would draw, up to noise), for each model. A model trained "
+        "to reconstruct its images (semi-supervised, --algo ssl) draws digits; a CNN trained by "
+        "cross-entropy alone draws its input gradient, which need not look like one.",
+        signed=[False, *([True] * len(names))],
+    )  # fmt: skip
+    classes = torch.arange(data.num_classes)
+    every = []
+    for model in models.values():
+        with torch.no_grad():
+            _, latents = drm.max_sum(model, x[:1].expand(len(classes), *x.shape[1:]))
+            every.append(list(drm.render(model, classes, latents)))
+    report.grid(
+        "renderings_every_class", every, names, [f"class {int(c)}" for c in classes],
+        "Every class rendered through the latents of the first image above: the candidates the "
+        "generative classifier (arg max_c log p(x, c, z*), factorized prior) compares with it.",
+        signed=[True] * len(classes),
+    )  # fmt: skip
+    samples = []
+    for model in models.values():
+        with torch.no_grad():
+            draw = drm.sample(model, len(classes), generator=torch.Generator().manual_seed(4))
+        samples.append(list(draw.x))
+    report.grid(
+        "renderings_samples", samples, names, [f"draw {i + 1}" for i in range(len(classes))],
+        "Ancestral samples from the factorized prior (class, every switch ON with its prior, "
+        "every translation uniform, then pixel noise): the switches of a CNN's latents are "
+        "far from independent, so these look like noise for either training.",
+        signed=[True] * len(classes),
+    )  # fmt: skip
+    pool_x, pool_y = data.x_test[: sizes["rendering_pool"]], data.y_test[: sizes["rendering_pool"]]
+    table = {name: rendering_statistics(model, pool_x, pool_y) for name, model in models.items()}
+    report.table(
+        ["model", "accuracy (CNN, max-sum)", "accuracy (generative classifier)",
+         "rendering MSE per pixel", "inference-gap bound (mean)"],
+        [[name, *values] for name, values in table.items()],
+    )  # fmt: skip
+    return {f"{key} {name}": value for name, values in table.items()
+            for key, value in zip(("accuracy", "generative_accuracy", "rendering_mse",
+                                   "inference_gap"), values, strict=True)}  # fmt: skip
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
 SIZES = {
     "full": {"projection_images": 6, "ascent_steps": 200, "map_steps": 30, "unit_images": 2000,
              "units_per_level": 4, "top_k": 8, "inversion_images": 8, "inversion_steps": 200,
-             "attack_images": 500, "fooling_steps": 100, "refine_images": 200},
+             "attack_images": 500, "fooling_steps": 100, "refine_images": 200,
+             "rendering_images": 8, "rendering_pool": 1000},
     "smoke": {"projection_images": 3, "ascent_steps": 5, "map_steps": 2, "unit_images": 50,
               "units_per_level": 1, "top_k": 3, "inversion_images": 2, "inversion_steps": 5,
-              "attack_images": 20, "fooling_steps": 3, "refine_images": 10},
+              "attack_images": 20, "fooling_steps": 3, "refine_images": 10,
+              "rendering_images": 3, "rendering_pool": 30},
 }  # fmt: skip
 
 
@@ -380,6 +459,17 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         raise ReportError(f"the model takes {model.input_shape} images, the data are "
                           f"{data.image_shape}")  # fmt: skip
     cnn = to_cnn(model).eval()
+    models = {"--model": model}
+    if args.compare_model is not None:
+        other, other_origin = load_any(args.compare_model, None, data, out, args.smoke)
+        if other.input_shape != model.input_shape or other.num_classes != model.num_classes:
+            raise ReportError(
+                f"--compare-model {args.compare_model} takes {other.input_shape} images and "
+                f"{other.num_classes} classes, --model {model.input_shape} and "
+                f"{model.num_classes}: compare models of the same data"
+            )
+        models["--compare-model"] = other.eval().to(model.dtype)
+        origin += f"; compared with {other_origin}"
     sizes = SIZES["smoke" if args.smoke else "full"]
     report = Report(out, "The two views of a CNN: visualising and breaking it")
     report.paragraph(f"Model: {origin}. Data: {'digits' if args.smoke else 'MNIST'} test images.")
@@ -396,6 +486,7 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                                 sizes)),
         ("attacks", lambda: section_attacks(report, model, data, sizes)),
         ("refinement", lambda: section_refinement(report, model, data, sizes)),
+        ("renderings", lambda: section_renderings(report, models, data, sizes)),
     ]  # fmt: skip
     for name, run in sections:
         start = time.perf_counter()
@@ -420,6 +511,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, help="a run directory or a .safetensors checkpoint")
     source.add_argument("--torch-cnn", type=Path, help="a LeNet state_dict saved by torch.save")
+    parser.add_argument(
+        "--compare-model",
+        type=Path,
+        default=None,
+        help="a second run directory or checkpoint whose renderings stand beside --model's "
+        "(section 7), e.g. a semi-supervised run",
+    )
     parser.add_argument("--out", type=Path, default=None, help="the report folder")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--smoke", action="store_true", help="digits, small sizes (tests)")

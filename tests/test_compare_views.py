@@ -41,7 +41,7 @@ def test_every_figure_is_a_png_referenced_by_the_page(
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
         assert f'src="{name}"' in page
     headings = ("Top-down projections", "Class models", "Individual units", "Feature inversion",
-                "Breaking the CNN", "Inference beyond the CNN")  # fmt: skip
+                "Breaking the CNN", "Inference beyond the CNN", "Renderings")  # fmt: skip
     for heading in headings:
         assert heading in page
     numbers = result["numbers"]
@@ -102,3 +102,33 @@ def test_a_bad_model_path_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_a_second_model_is_rendered_beside_the_first(tmp_path: Path) -> None:
+    """--compare-model: both models' renderings and statistics, on the same images."""
+    import drm
+    from drm.data import load_digits
+    from experiments import train
+
+    runs = {}
+    for algo in ("sgd", "ssl"):
+        runs[algo] = tmp_path / algo
+        argv = ["--smoke", "--algo", algo, "--out", str(runs[algo])]
+        train.main(train.parse_args(argv))
+    argv = ["--smoke", "--model", str(runs["sgd"]), "--compare-model", str(runs["ssl"]),
+            "--out", str(tmp_path / "views")]  # fmt: skip
+    result = compare_views.main(compare_views.parse_args(argv))
+    numbers = result["numbers"]
+    assert "renderings.png" in result["figures"]
+    data = load_digits()
+    pool = compare_views.SIZES["smoke"]["rendering_pool"]
+    x = data.x_test[:pool]
+    for flag, run in (("--model", runs["sgd"]), ("--compare-model", runs["ssl"])):
+        model = drm.load_model(run / "model.safetensors")
+        assert isinstance(model, drm.DeepRenderingModel)
+        with torch.no_grad():  # oracle: the rendering of the predicted class, by the library
+            scores, latents = drm.max_sum(model, x)
+            mu = drm.render(model, scores.argmax(1), latents)
+        assert numbers[f"rendering_mse {flag}"] == pytest.approx(float(((x - mu) ** 2).mean()))
+        accuracy = float((scores.argmax(1) == data.y_test[:pool]).double().mean())
+        assert numbers[f"accuracy {flag}"] == pytest.approx(accuracy)

@@ -287,7 +287,7 @@ def test_ssl_records_every_term_and_the_generative_view(tmp_path: Path) -> None:
     data = train.load_data("digits", 160, 100)
     with torch.no_grad():  # oracle: the library's generative classifier on the same images
         predicted = generative_scores(model, data.x_test).argmax(1)
-        gaps = inference_gap_lower_bound(model, data.x_test)
+        gaps = inference_gap_lower_bound(model, data.x_test, max_sweeps=train.GAP_SWEEPS)
     assert record["test_generative_accuracy"] == float((predicted == data.y_test).double().mean())
     assert record["test_inference_gap"] == pytest.approx(float(gaps.double().mean()), rel=1e-5)
     assert record["test_inference_gap"] >= 0
