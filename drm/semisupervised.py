@@ -266,20 +266,22 @@ class SemiSupervisedEM:
             others = self.reduce(mine.clone()) - mine
         mean_posterior = (posterior_sum + others) / max(images, 1)
         balance = class_balance_term(mean_posterior, model.class_log_prior.detach())
-        rendering = self._rendering_weighted()
-        with torch.set_grad_enabled(rendering and torch.is_grad_enabled()):
-            signals = propagate_down(model, classes, latents)
-            mu = model.sigma2 * signals[0]
-            if local_images:
-                pn = self._path_normalization(classes, signals)
+        # The rendering terms are always reported; their graph is built only when one of them
+        # is weighted (the top-down pass and its backward are most of a step's extra cost).
+        grad = torch.is_grad_enabled()
+        if local_images:
+            with torch.set_grad_enabled(grad and self._rendering_weighted()):
+                signals = propagate_down(model, classes, latents)
+                mu = model.sigma2 * signals[0]
                 parts = {
                     "reconstruction": reconstruction_term(model, x, mu),
-                    "entropy": entropy_term(scores),
                     "nonnegativity": nonnegativity_term(model, signals),
-                    "path_normalization": pn,
                 }
-            else:  # an empty shard (data-parallel): its part is zero, with a graph for DDP-like
-                parts = dict.fromkeys(PER_IMAGE_TERMS, scores.sum() * 0.0)
+            with torch.set_grad_enabled(grad and self.weights.path_normalization > 0):
+                parts["path_normalization"] = self._path_normalization(classes, signals)
+            parts["entropy"] = entropy_term(scores)
+        else:  # an empty shard (data-parallel): its parts are zero
+            parts = dict.fromkeys(PER_IMAGE_TERMS, scores.sum() * 0.0)
         values = {"cross_entropy": cross_entropy_term(scores, y) * label_share}
         values.update({name: part * image_share for name, part in parts.items()})
         values["class_balance"] = balance  # the global value: counted once below

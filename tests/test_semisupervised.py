@@ -339,3 +339,46 @@ def test_class_balance_gradient_reaches_every_image_of_the_batch() -> None:
             assert a is None and b is None
             continue
         torch.testing.assert_close(a, b, atol=IDENTITY_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("term", ["cross_entropy", "reconstruction", "entropy", "nonnegativity",
+                                  "class_balance", "path_normalization"])  # fmt: skip
+def test_each_term_alone_has_the_gradient_of_its_formula(term: str) -> None:
+    """The trainer's loss with one weight at 2 (the others 0) against autograd of 2 x the term."""
+    model = build(ARCHITECTURES["leaky"], seed=23)
+    x = images(model, 6, seed=24)
+    y = labels_with_unlabelled(model, 6, seed=25)
+    zero = {name: 0.0 for name, _ in LossWeights().items()}
+    trainer = SemiSupervisedEM(model, LossWeights(**{**zero, term: 2.0}))
+    _, loss = trainer.terms(x, y)
+    parameters = list(model.parameters())
+    ours = torch.autograd.grad(loss, parameters, allow_unused=True)
+
+    scores, latents = drm.max_sum(model, x)
+    classes = torch.where(y >= 0, y, scores.detach().argmax(1))
+    signals = drm.top_down(model, classes, latents)
+    mu = model.sigma2 * signals[0]
+    if term == "cross_entropy":
+        value = cross_entropy_term(scores, y)
+    elif term == "reconstruction":
+        value = reconstruction_term(model, x, mu)
+    elif term == "entropy":
+        value = entropy_term(scores)
+    elif term == "nonnegativity":
+        value = nonnegativity_term(model, signals)
+    elif term == "class_balance":
+        value = class_balance_term(scores.softmax(1).mean(0), model.class_log_prior.detach())
+    else:
+        zero_image = torch.zeros(1, *model.input_shape, dtype=torch.float64)
+        reference_scores, reference_latents = drm.max_sum(model, zero_image)
+        c0 = reference_scores.detach().argmax(1)
+        reference = drm.top_down(model, c0, reference_latents)
+        value = path_normalization_term(model, classes, signals, c0, reference)
+    theirs = torch.autograd.grad(2.0 * value, parameters, allow_unused=True)
+    nonzero = 0
+    for p, a, b in zip(parameters, ours, theirs, strict=True):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        torch.testing.assert_close(a, b, atol=IDENTITY_TOL, rtol=0)
+        nonzero += int(float(b.abs().max()) > 0)
+    assert nonzero >= 1  # the term moves some parameter
