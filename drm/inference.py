@@ -50,6 +50,22 @@ def max_sum(model: DeepRenderingModel, x: Tensor) -> tuple[Tensor, Latents]:
     return y, tuple(latents)
 
 
+def min_sum(model: DeepRenderingModel, x: Tensor) -> tuple[Tensor, Latents]:
+    """Bottom-up min-sum: each level minimises its message over its own latent.
+
+    The "min" branch of the Neural Rendering Model's max-min network (Ho et al. 2018): the CNN
+    with every ReLU u -> max(0, u) replaced by min(0, u) (LeakyReLU: -LeakyReLU(-u)) and every
+    max-pooling by min-pooling, sharing the weights. Returns (scores (B, C), arg-min latents), the
+    frozen-latent scores at those latents (`frozen_scores`).
+    """
+    y = check_images(model, x)
+    latents: list[Tensor | None] = []
+    for level in model.levels:
+        y, latent = level.bottom_up_min(y)
+        latents.append(latent)
+    return y, tuple(latents)
+
+
 def frozen_scores(model: DeepRenderingModel, x: Tensor, latents: Latents) -> Tensor:
     """The CNN with every ReLU mask and pool index frozen at `latents`: (B, C) logits.
 

@@ -106,6 +106,14 @@ class Level(nn.Module):
         """The bottom-up map with the latent frozen: affine in y."""
         raise NotImplementedError
 
+    def bottom_up_min(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The min-sum message: like `bottom_up`, minimising over the latent instead.
+
+        (B, *in_shape) -> ((B, *out_shape), arg-min latent). The "min" branch of the NRM's
+        max-min network: -LeakyReLU(-u) for a switch, min-pooling for a translation.
+        """
+        return self.bottom_up_frozen(y, None), None
+
     def top_down(self, g: Tensor, latent: Tensor | None, rule: SwitchRule = "drm") -> Tensor:
         """Top-down rendering: the adjoint of the linear part of `bottom_up_frozen`.
 
@@ -332,6 +340,11 @@ class Switch(Level):
         assert latent is not None
         return y * self.switch_values(latent, y.dtype)
 
+    def bottom_up_min(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        # argmin_a a*u over a in {alpha, 1} (alpha <= 1) is ON iff u < 0
+        on = y < 0
+        return y * self.switch_values(on, y.dtype), on
+
     def top_down(self, g: Tensor, latent: Tensor | None, rule: SwitchRule = "drm") -> Tensor:
         alpha = self._spec.negative_slope
         if rule == "deconvnet":
@@ -413,6 +426,20 @@ class MaxPool(Level):
             y, s.kernel_size, s.stride_pair, s.padding, s.dilation, s.ceil_mode, return_indices=True
         )
         return out, indices
+
+    def bottom_up_min(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        # min-pooling: the max-pooling of -y, whose indices pick the smallest cell
+        s = self._spec
+        _, indices = F.max_pool2d(
+            -y,
+            s.kernel_size,
+            s.stride_pair,
+            s.padding,
+            s.dilation,
+            s.ceil_mode,
+            return_indices=True,
+        )
+        return self.bottom_up_frozen(y, indices), indices
 
     def bottom_up_frozen(self, y: Tensor, latent: Tensor | None) -> Tensor:
         assert latent is not None

@@ -15,13 +15,17 @@ A few labelled and many unlabelled images train one DRM. Each step is one round 
       class_balance        the batch         KL(mean_n softmax(s(x_n)) || pi)           (ours)
       path_normalization   every image       |log pi_c^ - log pi_c0| + sum_l mean |b_l (g_l - g0_l)|
                                                                                          (NRM)
+      min_cross_entropy    labelled images   -log softmax(s_min(x))_y                   (NRM)
 
   mu(c^, z*) is the top-down rendering of the class at the max-sum latents (`drm.render`), g_l the
   top-down signal arriving at latent level l. The reconstruction is the Gaussian part of the
   log-joint under the factorized prior (`drm.model.factorized_log_joint`: its latent-prior part
   has no gradient, z* being discrete). The non-negativity penalty pushes the model towards E3's
   condition, under which max-sum is the exact MAP; `drm.refine.inference_gap_lower_bound`
-  measures how far it is.
+  measures how far it is. s_min(x) are the scores of bottom-up min-sum (`drm.inference.min_sum`:
+  the same network with min(0, u) for ReLU and min-pooling); with the same weight as the
+  cross-entropy, the two are the NRM's max-min cross-entropy (up to a factor 2). It costs a
+  second forward and backward pass, so it is computed only when weighted.
 
 What the authors' public code does (read for this module; docs/semisupervised.md has the detail):
 the DRMM's "KL" term is -sum_c gamma_c log(C gamma_c) = H(gamma) - log C with gamma the softmax,
@@ -55,7 +59,7 @@ from torch import Tensor
 
 from drm.distributed import Reduce, reduce_together
 from drm.em import OptimizerName, make_optimizer, sum_gradients
-from drm.inference import max_sum
+from drm.inference import max_sum, min_sum
 from drm.levels import Conv, Dense
 from drm.model import (
     DeepRenderingModel,
@@ -78,6 +82,7 @@ class LossWeights:
     nonnegativity: float = 1.0  # every image: squared negative part of the top-down signals
     class_balance: float = 0.0  # the batch: KL(mean posterior || class prior)
     path_normalization: float = 0.0  # every image: the NRM's path normalisation
+    min_cross_entropy: float = 0.0  # labelled images: the NRM's min branch, -log p_min(y | x)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -211,7 +216,9 @@ class SemiSupervisedEM:
         self._reset_sums()
 
     def _reset_sums(self) -> None:
-        self._sums = dict.fromkeys((*TERMS, "loss"), 0.0)
+        # the terms computed (min_cross_entropy only when weighted), then the loss
+        names = [t for t in TERMS if t != "min_cross_entropy" or self.weights.min_cross_entropy]
+        self._sums = dict.fromkeys((*names, "loss"), 0.0)
         self._images = 0.0
 
     def check_batch(self, x: Tensor, y: Tensor) -> None:
@@ -245,7 +252,8 @@ class SemiSupervisedEM:
 
         Returns:
             terms: name -> this batch's part of the global batch's term (unweighted, detached
-                where its weight is 0); over the processes the parts add up to the term.
+                where its weight is 0; min_cross_entropy only when weighted); over the
+                processes the parts add up to the term.
             loss: sum of weight * term, differentiable; over the processes the gradients add up
                 to the global batch's.
         """
@@ -284,11 +292,14 @@ class SemiSupervisedEM:
             parts = dict.fromkeys(PER_IMAGE_TERMS, scores.sum() * 0.0)
         values = {"cross_entropy": cross_entropy_term(scores, y) * label_share}
         values.update({name: part * image_share for name, part in parts.items()})
+        if self.weights.min_cross_entropy > 0:
+            min_scores = min_sum(model, x)[0]
+            values["min_cross_entropy"] = cross_entropy_term(min_scores, y) * label_share
         values["class_balance"] = balance  # the global value: counted once below
         weights = dict(self.weights.items())
         loss = sum(
             (w * values[name] for name, w in weights.items() if w > 0), start=scores.new_zeros(())
-        )
+        )  # every weighted term is in `values`
         values["class_balance"] = balance * image_share
         return {k: (v if weights[k] > 0 else v.detach()) for k, v in values.items()}, loss
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import drm
-from drm.inference import generative_scores
+from cnn_equiv import to_cnn
+from drm.inference import generative_scores, min_sum
 from drm.model import factorized_log_joint, factorized_log_prior, propagate_down
 from drm.reference import configurations, num_configurations
 from drm.refine import inference_gap_lower_bound
@@ -239,7 +240,7 @@ def test_cross_entropy_alone_is_discriminative_em_on_the_labelled_images(optimiz
 
 def test_every_term_trains_and_the_summary_is_the_epoch_mean() -> None:
     model = build(ARCHITECTURES["leaky"], seed=13)
-    weights = LossWeights(class_balance=0.5, path_normalization=0.5)
+    weights = LossWeights(class_balance=0.5, path_normalization=0.5, min_cross_entropy=0.5)
     trainer = SemiSupervisedEM(model, weights, lr=0.01)
     batches = [(images(model, 6, seed=40 + i), labels_with_unlabelled(model, 6, 50 + i))
                for i in range(3)]  # fmt: skip
@@ -342,7 +343,7 @@ def test_class_balance_gradient_reaches_every_image_of_the_batch() -> None:
 
 
 @pytest.mark.parametrize("term", ["cross_entropy", "reconstruction", "entropy", "nonnegativity",
-                                  "class_balance", "path_normalization"])  # fmt: skip
+                                  "class_balance", "path_normalization", "min_cross_entropy"])  # fmt: skip
 def test_each_term_alone_has_the_gradient_of_its_formula(term: str) -> None:
     """The trainer's loss with one weight at 2 (the others 0) against autograd of 2 x the term."""
     model = build(ARCHITECTURES["leaky"], seed=23)
@@ -368,6 +369,8 @@ def test_each_term_alone_has_the_gradient_of_its_formula(term: str) -> None:
         value = nonnegativity_term(model, signals)
     elif term == "class_balance":
         value = class_balance_term(scores.softmax(1).mean(0), model.class_log_prior.detach())
+    elif term == "min_cross_entropy":
+        value = cross_entropy_term(min_sum(model, x)[0], y)
     else:
         zero_image = torch.zeros(1, *model.input_shape, dtype=torch.float64)
         reference_scores, reference_latents = drm.max_sum(model, zero_image)
@@ -382,3 +385,40 @@ def test_each_term_alone_has_the_gradient_of_its_formula(term: str) -> None:
         torch.testing.assert_close(a, b, atol=IDENTITY_TOL, rtol=0)
         nonzero += int(float(b.abs().max()) > 0)
     assert nonzero >= 1  # the term moves some parameter
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_min_sum_is_the_min_branch_network(name: str) -> None:
+    """Oracle: the equivalent CNN's own layers with min(0, u) for ReLU and min-pooling."""
+    model = build(ARCHITECTURES[name], seed=26)
+    x = images(model, 3, seed=27)
+    y = x
+    with torch.no_grad():
+        for layer in to_cnn(model):
+            if isinstance(layer, torch.nn.ReLU):
+                y = -F.relu(-y)
+            elif isinstance(layer, torch.nn.LeakyReLU):
+                y = -F.leaky_relu(-y, layer.negative_slope)
+            elif isinstance(layer, torch.nn.MaxPool2d):
+                y = -layer(-y)
+            else:
+                y = layer(y)
+        scores, latents = min_sum(model, x)
+        frozen = drm.frozen_scores(model, x, latents)
+    torch.testing.assert_close(scores, y, atol=IDENTITY_TOL, rtol=0)
+    torch.testing.assert_close(frozen, scores, atol=IDENTITY_TOL, rtol=0)
+
+
+def test_min_cross_entropy_is_reported_only_when_weighted() -> None:
+    model = build(ARCHITECTURES["leaky"], seed=28)
+    x, y = images(model, 4, seed=29), labels_with_unlabelled(model, 4, seed=30)
+    plain = SemiSupervisedEM(copy.deepcopy(model))
+    plain.step(x, y)
+    assert "min_cross_entropy" not in plain.end_epoch()
+    weighted = SemiSupervisedEM(copy.deepcopy(model), LossWeights(min_cross_entropy=1.0))
+    with torch.no_grad():
+        values, _ = weighted.terms(x, y)
+        expected = cross_entropy_term(min_sum(model, x)[0], y)
+    assert float(values["min_cross_entropy"]) == pytest.approx(float(expected), rel=IDENTITY_TOL)
+    weighted.step(x, y)
+    assert "min_cross_entropy" in weighted.end_epoch()
