@@ -34,6 +34,7 @@ from drm.model import factorized_log_joint, factorized_log_prior, propagate_down
 from drm.reference import configurations, num_configurations
 from drm.refine import inference_gap_lower_bound
 from drm.semisupervised import (
+    TERMS,
     UNLABELLED,
     LossWeights,
     SemiSupervisedEM,
@@ -342,8 +343,7 @@ def test_class_balance_gradient_reaches_every_image_of_the_batch() -> None:
         torch.testing.assert_close(a, b, atol=IDENTITY_TOL, rtol=0)
 
 
-@pytest.mark.parametrize("term", ["cross_entropy", "reconstruction", "entropy", "nonnegativity",
-                                  "class_balance", "path_normalization", "min_cross_entropy"])  # fmt: skip
+@pytest.mark.parametrize("term", list(TERMS))
 def test_each_term_alone_has_the_gradient_of_its_formula(term: str) -> None:
     """The trainer's loss with one weight at 2 (the others 0) against autograd of 2 x the term."""
     model = build(ARCHITECTURES["leaky"], seed=23)
