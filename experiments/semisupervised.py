@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -63,14 +64,25 @@ def run(out: Path, name: str, argv: list[str], args: argparse.Namespace) -> dict
         argv += ["--threads", str(args.threads)]
     if (directory / train.CHECKPOINT).is_file():
         argv.append("--resume")  # a rerun continues where an interrupted one stopped
-    result = train.main(train.parse_args(argv))
-    metrics = result["metrics"]
+    diverged = None
+    try:
+        metrics = train.main(train.parse_args(argv))["metrics"]
+    except train.RunError as err:
+        if "the loss is" not in str(err):
+            raise
+        # a loss that is no longer finite (a row of the ablation can diverge): report the last
+        # completed epoch, which the run directory keeps
+        diverged = train.one_line(err)
+        metrics = json.loads((directory / train.METRICS).read_text())
+        if not metrics:
+            raise
     return {
         "name": name,
         "argv": argv,
         "test_error": 1.0 - metrics[-1]["test_accuracy"],
         "train_seconds": sum(m["train_seconds"] for m in metrics),
         "epochs": len(metrics),
+        "diverged": diverged,
         "inference_gap": metrics[-1].get("test_inference_gap"),
         "generative_error": 1.0 - generative_accuracy(directory, args),
         "final": metrics[-1],
@@ -118,6 +130,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "train_seconds": [r["train_seconds"] for r in runs],
         "generative_errors": [r["generative_error"] for r in runs],
         "inference_gaps": [r["inference_gap"] for r in runs],
+        "diverged": [r["diverged"] is not None for r in runs],
     }
 
 
@@ -170,6 +183,8 @@ def format_table(result: dict[str, Any]) -> str:
     for row in result["table"]:
         kind = "supervised only" if row["kind"] == "supervised" else "semi-supervised (ssl)"
         gaps = ", ".join("n/a" if g is None else f"{g:.3g}" for g in row["inference_gaps"])
+        if any(row["diverged"]):
+            kind += " (a draw diverged: its last epoch is shown)"
         lines.append(
             f"| {row['labels']} | {kind} | {100 * row['mean_error']:.2f} +- "
             f"{100 * row['std_error']:.2f} | {_percent(row['errors'])} "
@@ -188,8 +203,11 @@ def format_table(result: dict[str, Any]) -> str:
         ]
         for r in result["ablation"]:
             gap = "n/a" if r["inference_gap"] is None else f"{r['inference_gap']:.3g}"
+            row = r["row"]
+            if r["diverged"]:
+                row += f" (diverged in epoch {r['epochs'] + 1}: {r['epochs']} epochs shown)"
             lines.append(
-                f"| {r['row']} | {100 * r['test_error']:.2f} | {100 * r['generative_error']:.2f} "
+                f"| {row} | {100 * r['test_error']:.2f} | {100 * r['generative_error']:.2f} "
                 f"| {gap} | {r['train_seconds']:.0f} |"
             )
     lines += ["", "Published (MNIST, 100 labels; not reproduced here):", ""]

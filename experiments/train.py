@@ -37,8 +37,11 @@ and metrics, timings aside, as an uninterrupted run (on the same device and thre
 
 Algorithms: `sgd` (cnn_equiv.SGDTrainer: cross-entropy on the equivalent CNN), `dem`
 (drm.em.DiscriminativeEM: max-sum E-step, --m-steps gradient steps with latents frozen), `em`
-(drm.em.GenerativeEM on a deep model; drm.shallow_em.ShallowEM, supervised, on --model shallow).
-`--amp bf16` (sgd only) runs the CNN's forward pass under bfloat16 autocast. `--channels-last`
+(drm.em.GenerativeEM on a deep model; drm.shallow_em.ShallowEM, supervised, on --model shallow),
+`ssl` (drm.semisupervised.SemiSupervisedEM: max-sum E-step, one Adam step on cross-entropy +
+reconstruction + entropy + non-negativity, ...; docs/semisupervised.md). `--labels N` labels only
+N training images (balanced, drawn from --seed, saved in DIR/labelled.json): the supervised
+algorithms train on those alone, ssl on every image with those labelled. `--amp bf16` (sgd only) runs the CNN's forward pass under bfloat16 autocast. `--channels-last`
 stores a deep model's conv templates in NHWC strides (same values, same results up to float
 rounding; 1.2-1.4x faster training steps on CPU, as `experiments/bench_all.py` measures).
 
@@ -48,8 +51,8 @@ for cuda, each rank on cuda:LOCAL_RANK; a collective that a dead or hung rank ne
 after --dist-timeout seconds). Every rank draws the same global minibatch order and takes its
 own contiguous shard of each minibatch (`drm.distributed.shard`), then the trainer makes the
 update of the whole minibatch (DistributedDataParallel for sgd, summed gradients for dem, summed
-normal equations and counts for deep em, summed sufficient statistics for shallow em; see
-`drm.em`). The train loss and the test metrics (the test set is sharded too) are summed over the
+normal equations and counts for deep em, summed sufficient statistics for shallow em, summed
+counts, posterior and gradients for ssl; see `drm.em`). The train loss and the test metrics (the test set is sharded too) are summed over the
 ranks. Only rank 0 writes DIR (and holds its lock) and shows progress; every rank reads the
 checkpoint on --resume, which may use another number of ranks. A failure that one rank sees
 (DIR in use, a write) stops every rank with one line each; under torchrun a SIGTERM (torchrun
@@ -60,6 +63,7 @@ Command:
     python -m experiments.train --algo sgd --data mnist --epochs 4 --out runs/sgd --resume
     python -m experiments.train --algo dem --m-steps 3 --data mnist --epochs 2 --out runs/dem
     python -m experiments.train --algo em --model shallow --data digits --epochs 10 --out runs/em
+    python -m experiments.train --algo ssl --labels 100 --data mnist --out runs/ssl
     python -m experiments.train --smoke       # digits, 256 images, 1 epoch; used by the tests
     torchrun --nproc_per_node 2 -m experiments.train --algo sgd --data mnist --threads 1 \
         --epochs 2 --out runs/sgd2            # two processes, same result as one (to rounding)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import subprocess
 import sys
@@ -79,3 +80,25 @@ def test_bench_all_flop_count_matches_torch_flop_counter(config: dict[str, objec
     with counter, torch.no_grad():
         to_cnn(model)(torch.zeros(batch, *model.input_shape))
     assert counter.get_total_flops() == batch * flops_per_image(model)
+
+
+def test_semisupervised_reports_a_diverged_run_by_its_last_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loss that stops being finite in epoch 2 (an ablation row can): epoch 1 is reported."""
+    from experiments import semisupervised, train
+
+    real = train.train_epoch
+
+    def failing(*args: object, **kwargs: object) -> object:
+        if args[3] == 2:  # the epoch
+            raise train.RunError("epoch 2, step 1: the loss is nan; try a lower --lr")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train, "train_epoch", failing)
+    args = semisupervised.parse_args(["--smoke"])
+    result = semisupervised.run(tmp_path, "run", ["--algo", "ssl", "--epochs", "2"], args)
+    assert result["diverged"] is not None and "loss is nan" in result["diverged"]
+    assert result["epochs"] == 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert result["test_error"] == pytest.approx(1 - metrics[0]["test_accuracy"])
