@@ -41,9 +41,10 @@ Algorithms: `sgd` (cnn_equiv.SGDTrainer: cross-entropy on the equivalent CNN), `
 `ssl` (drm.semisupervised.SemiSupervisedEM: max-sum E-step, one Adam step on cross-entropy +
 reconstruction + entropy + non-negativity, ...; docs/semisupervised.md). `--labels N` labels only
 N training images (balanced, drawn from --seed, saved in DIR/labelled.json): the supervised
-algorithms train on those alone, ssl on every image with those labelled. `--amp bf16` (sgd only) runs the CNN's forward pass under bfloat16 autocast. `--channels-last`
-stores a deep model's conv templates in NHWC strides (same values, same results up to float
-rounding; 1.2-1.4x faster training steps on CPU, as `experiments/bench_all.py` measures).
+algorithms train on those alone, ssl on every image with those labelled. `--amp bf16` (sgd
+only) runs the CNN's forward pass under bfloat16 autocast. `--channels-last` stores a deep
+model's conv templates in NHWC strides (same values, same results up to float rounding; 1.2-1.4x
+faster training steps on CPU, as `experiments/bench_all.py` measures; on by default for ssl).
 
 Data-parallel training: `torchrun --nproc_per_node N -m experiments.train ...` starts N
 processes (ranks) that join one process group (`drm.distributed`: gloo for --device cpu, nccl
@@ -52,11 +53,12 @@ after --dist-timeout seconds). Every rank draws the same global minibatch order 
 own contiguous shard of each minibatch (`drm.distributed.shard`), then the trainer makes the
 update of the whole minibatch (DistributedDataParallel for sgd, summed gradients for dem, summed
 normal equations and counts for deep em, summed sufficient statistics for shallow em, summed
-counts, posterior and gradients for ssl; see `drm.em`). The train loss and the test metrics (the test set is sharded too) are summed over the
-ranks. Only rank 0 writes DIR (and holds its lock) and shows progress; every rank reads the
+counts, posterior and gradients for ssl; see `drm.em`). The train loss and the test metrics
+(the test set is sharded too) are summed over the ranks. Only rank 0 writes DIR (and holds its lock) and shows progress; every rank reads the
 checkpoint on --resume, which may use another number of ranks. A failure that one rank sees
-(DIR in use, a write) stops every rank with one line each; under torchrun a SIGTERM (torchrun
-stops the others when one rank dies) is one line too, and DIR keeps its last complete epoch.
+(DIR in use, a write) stops every rank with one line each; under torchrun a SIGTERM
+(torchrun stops the others when one rank dies) is one line too, and DIR keeps its last complete
+epoch.
 
 Command:
     python -m experiments.train --algo sgd --data mnist --epochs 2 --out runs/sgd
