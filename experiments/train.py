@@ -54,8 +54,9 @@ own contiguous shard of each minibatch (`drm.distributed.shard`), then the train
 update of the whole minibatch (DistributedDataParallel for sgd, summed gradients for dem, summed
 normal equations and counts for deep em, summed sufficient statistics for shallow em, summed
 counts, posterior and gradients for ssl; see `drm.em`). The train loss and the test metrics
-(the test set is sharded too) are summed over the ranks. Only rank 0 writes DIR (and holds its lock) and shows progress; every rank reads the
-checkpoint on --resume, which may use another number of ranks. A failure that one rank sees
+(the test set is sharded too) are summed over the ranks. Only rank 0 writes DIR (and holds its
+lock) and shows progress; every rank reads the checkpoint on --resume, which may use another
+number of ranks. A failure that one rank sees
 (DIR in use, a write) stops every rank with one line each; under torchrun a SIGTERM
 (torchrun stops the others when one rank dies) is one line too, and DIR keeps its last complete
 epoch.
