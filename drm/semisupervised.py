@@ -16,6 +16,8 @@ A few labelled and many unlabelled images train one DRM. Each step is one round 
       path_normalization   every image       |log pi_c^ - log pi_c0| + sum_l mean |b_l (g_l - g0_l)|
                                                                                          (NRM)
       min_cross_entropy    labelled images   -log softmax(s_min(x))_y                   (NRM)
+      consistency          unlabelled        KL(q(x) || softmax(s(T x))), T a random translation
+                                                                                        (ours)
 
   mu(c^, z*) is the top-down rendering of the class at the max-sum latents (`drm.render`), g_l the
   top-down signal arriving at latent level l. The reconstruction is the Gaussian part of the
@@ -25,7 +27,13 @@ A few labelled and many unlabelled images train one DRM. Each step is one round 
   measures how far it is. s_min(x) are the scores of bottom-up min-sum (`drm.inference.min_sum`:
   the same network with min(0, u) for ReLU and min-pooling); with the same weight as the
   cross-entropy, the two are the NRM's max-min cross-entropy (up to a factor 2). It costs a
-  second forward and backward pass, so it is computed only when weighted.
+  second forward and backward pass, so it is computed only when weighted. So is `consistency`:
+  the DRM's translation nuisance says that the class does not depend on where the image sits, so
+  the posterior of a translated image T x (each unlabelled image shifted by up to `max_shift`
+  pixels, zeros filling in) is asked to match the image's own, q(x) = softmax(s(x)) held fixed
+  (the Pi-model / stochastic-transformation regulariser). Each image's shift is a pseudo-random
+  function of its pixels and of the step number (`content_shifts`), so a data-parallel shard
+  shifts its images as one process would, and a resumed run as an uninterrupted one.
 
 What the authors' public code does (read for this module; docs/semisupervised.md has the detail):
 the DRMM's "KL" term is -sum_c gamma_c log(C gamma_c) = H(gamma) - log C with gamma the softmax,
@@ -45,6 +53,9 @@ References:
     Grandvalet, Bengio, Semi-supervised Learning by Entropy Minimization, NIPS 2004.
     Krause, Perona, Gomes, Discriminative Clustering by Regularized Information Maximization,
     NIPS 2010.
+    Sajjadi, Javanmardi, Tasdizen, Regularization With Stochastic Transformations and
+    Perturbations for Deep Semi-Supervised Learning, NIPS 2016.
+    Laine, Aila, Temporal Ensembling for Semi-Supervised Learning, ICLR 2017 (the Pi-model).
 """
 
 from __future__ import annotations
@@ -83,6 +94,7 @@ class LossWeights:
     class_balance: float = 0.0  # the batch: KL(mean posterior || class prior)
     path_normalization: float = 0.0  # every image: the NRM's path normalisation
     min_cross_entropy: float = 0.0  # labelled images: the NRM's min branch, -log p_min(y | x)
+    consistency: float = 0.0  # unlabelled images: KL(posterior || posterior of a translation)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -96,6 +108,8 @@ class LossWeights:
 
 
 TERMS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossWeights))
+# Terms that cost a pass of their own: computed (and reported) only when weighted.
+ON_DEMAND = ("min_cross_entropy", "consistency")
 # Terms that are a mean over the images of the batch (the others: a mean over its labelled
 # images, or a function of the whole batch).
 PER_IMAGE_TERMS = ("reconstruction", "entropy", "nonnegativity", "path_normalization")
@@ -180,6 +194,45 @@ def path_normalization_term(
     return total
 
 
+def consistency_term(target: Tensor, shifted_scores: Tensor) -> Tensor:
+    """(1/B) sum_n KL(q_n || p_n) = sum_c q_nc (log q_nc - log p_nc), p_n = softmax(shifted_n).
+
+    Args:
+        target: (B, C) q, the posterior of the images themselves (held fixed by the caller).
+        shifted_scores: (B, C) the scores of their translations.
+    """
+    log_p = shifted_scores.log_softmax(1)
+    return (target * (target.clamp_min(1e-30).log() - log_p)).sum(1).mean()
+
+
+def translate(x: Tensor, shifts: Tensor) -> Tensor:
+    """Each image moved by its (dy, dx) pixels, zeros filling in: (B, C, H, W), shifts (B, 2)."""
+    batch, channels, height, width = x.shape
+    pad = int(shifts.abs().max()) if shifts.numel() else 0
+    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2 pad, W + 2 pad)
+    # out[b, :, i, j] = x[b, :, i - dy, j - dx]
+    rows = pad - shifts[:, 0:1] + torch.arange(height, device=x.device)  # (B, H)
+    cols = pad - shifts[:, 1:2] + torch.arange(width, device=x.device)  # (B, W)
+    b = torch.arange(batch, device=x.device)[:, None, None, None]
+    c = torch.arange(channels, device=x.device)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def content_shifts(x: Tensor, offset: int, max_shift: int) -> Tensor:
+    """A pseudo-random (dy, dx) in [-max_shift, max_shift]^2 per image: (B, 2) int64.
+
+    A function of the image's pixels (quantised to 1/256, so exact integer arithmetic) and of
+    `offset`: the same image gets the same shift wherever it sits in a batch or a shard.
+    """
+    side = 2 * max_shift + 1
+    levels = (x.detach().flatten(1).to(torch.float64) * 256).round().to(torch.int64)  # (B, D)
+    weights = torch.randint(
+        1, 2**20, (levels.shape[1],), generator=torch.Generator().manual_seed(12345)
+    ).to(levels.device)
+    key = ((levels * weights).sum(1) + offset) % (side * side)  # (B,)
+    return torch.stack([key // side - max_shift, key % side - max_shift], 1)
+
+
 # --- the trainer -------------------------------------------------------------------------------
 
 
@@ -194,6 +247,8 @@ class SemiSupervisedEM:
         weights: the weight of each term; with every weight but cross_entropy at 0 a step is a
             discriminative EM (= SGD) step on the batch's labelled images.
         optimizer, lr: the M-step's optimizer.
+        max_shift: the consistency term's largest translation, in pixels.
+        seed: the consistency term's translations (with the step number).
         reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
             None: one process. Each process holds a shard of the global batch; the counts of
             images and labels and the batch's summed posterior are summed first (one
@@ -208,8 +263,15 @@ class SemiSupervisedEM:
         optimizer: OptimizerName = "adam",
         lr: float = 1e-3,
         reduce: Reduce | None = None,
+        max_shift: int = 2,
+        seed: int = 0,
     ) -> None:
+        if not isinstance(max_shift, int) or max_shift < 1:
+            raise ValueError(f"max_shift must be an int >= 1, got {max_shift!r}")
         self.model = model
+        self.max_shift = max_shift
+        self.seed = seed
+        self.steps = 0  # steps taken: with the seed, it draws the consistency translations
         self.weights = weights if weights is not None else LossWeights()
         self.optimizer = make_optimizer(model.parameters(), optimizer, lr)
         self.reduce = reduce
@@ -217,7 +279,7 @@ class SemiSupervisedEM:
 
     def _reset_sums(self) -> None:
         # the terms computed (min_cross_entropy only when weighted), then the loss
-        names = [t for t in TERMS if t != "min_cross_entropy" or self.weights.min_cross_entropy]
+        names = [t for t in TERMS if t not in ON_DEMAND or getattr(self.weights, t) > 0]
         self._sums = dict.fromkeys((*names, "loss"), 0.0)
         self._images = 0.0
 
@@ -295,6 +357,8 @@ class SemiSupervisedEM:
         if self.weights.min_cross_entropy > 0:
             min_scores = min_sum(model, x)[0]
             values["min_cross_entropy"] = cross_entropy_term(min_scores, y) * label_share
+        if self.weights.consistency > 0:
+            values["consistency"] = self._consistency(x, y, scores, counts)
         values["class_balance"] = balance  # the global value: counted once below
         weights = dict(self.weights.items())
         loss = sum(
@@ -302,6 +366,26 @@ class SemiSupervisedEM:
         )  # every weighted term is in `values`
         values["class_balance"] = balance * image_share
         return {k: (v if weights[k] > 0 else v.detach()) for k, v in values.items()}, loss
+
+    def _consistency(
+        self, x: Tensor, y: Tensor, scores: Tensor, counts: tuple[float, float] | None
+    ) -> Tensor:
+        """This batch's part of the consistency term over the global batch's unlabelled images."""
+        offset = self.translation_offset()
+        unlabelled = y < 0
+        local = int(unlabelled.sum())
+        total = local if counts is None else counts[0] - counts[1]
+        if local == 0:
+            return scores.sum() * 0.0
+        images = x[unlabelled]
+        shifted = translate(images, content_shifts(images, offset, self.max_shift))
+        target = scores[unlabelled].detach().softmax(1)
+        return consistency_term(target, max_sum(self.model, shifted)[0]) * (local / total)
+
+    def translation_offset(self) -> int:
+        """The pseudo-random number of this step that, with each image, picks its translation."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)
+        return int(torch.randint(0, 2**20, (), generator=generator))
 
     def _rendering_weighted(self) -> bool:
         """Whether a weighted term needs the rendering's gradient."""
@@ -339,6 +423,7 @@ class SemiSupervisedEM:
         if self.reduce is not None:
             sum_gradients(list(self.model.parameters()), self.reduce)
         self.optimizer.step()
+        self.steps += 1
         images = float(x.shape[0]) if counts is None else counts[0]
         part = sum(w * float(values[name].detach()) for name, w in self.weights.items() if w > 0)
         for name, value in values.items():
@@ -366,10 +451,11 @@ class SemiSupervisedEM:
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
 
 
 __all__ = [
@@ -379,9 +465,12 @@ __all__ = [
     "LossWeights",
     "SemiSupervisedEM",
     "class_balance_term",
+    "consistency_term",
+    "content_shifts",
     "cross_entropy_term",
     "entropy_term",
     "nonnegativity_term",
     "path_normalization_term",
     "reconstruction_term",
+    "translate",
 ]

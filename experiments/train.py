@@ -145,6 +145,7 @@ ESSENTIAL = (
     "amp",
     "labels",
     "labelled_batch_size",
+    "consistency_shift",
     *(f"{term}_weight" for term in TERMS),
 )
 # Per-algorithm defaults of the settings given as None on the command line.
@@ -158,6 +159,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "lr_decay": 0.93,
         "labelled_batch_size": 32,
+        "consistency_shift": 2,
         "channels_last": True,  # 1.3x faster ssl steps on CPU, the same values
     },
 }
@@ -314,7 +316,15 @@ def build_trainer(args: argparse.Namespace, model: Any) -> Trainer:
         )
     if args.algo == "ssl":
         weights = LossWeights(**{term: getattr(args, f"{term}_weight") for term in TERMS})
-        return SemiSupervisedEM(model, weights, optimizer=args.optimizer, lr=args.lr, reduce=reduce)
+        return SemiSupervisedEM(
+            model,
+            weights,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            reduce=reduce,
+            max_shift=args.consistency_shift,
+            seed=args.seed,
+        )
     if shallow:
         return ShallowEM(model, hard=args.hard, supervised=not args.unsupervised, reduce=reduce)
     return GenerativeEM(
@@ -1013,6 +1023,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"ssl: labelled images added to each batch of --batch-size unlabelled ones "
         f"(default {DEFAULTS['ssl']['labelled_batch_size']})",
     )
+    parser.add_argument(
+        "--consistency-shift",
+        type=_positive,
+        default=None,
+        help=f"ssl: the consistency term's largest translation in pixels (default "
+        f"{DEFAULTS['ssl']['consistency_shift']})",
+    )
     for term, weight in SSL_WEIGHTS.items():
         parser.add_argument(
             f"--{term.replace('_', '-')}-weight",
@@ -1082,7 +1099,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smoke", action="store_true", help="digits, 256 images, 1 epoch (for the tests)"
     )
     args = parser.parse_args(argv)
-    ssl_only = ["labelled_batch_size", *(f"{term}_weight" for term in TERMS)]
+    ssl_only = ["labelled_batch_size", "consistency_shift", *(f"{term}_weight" for term in TERMS)]
     if args.algo != "ssl" and any(getattr(args, name) is not None for name in ssl_only):
         given = [name for name in ssl_only if getattr(args, name) is not None]
         parser.error(f"--{given[0].replace('_', '-')} applies to --algo ssl")

@@ -156,18 +156,7 @@ TRAIN_ALGORITHMS: dict[str, list[str]] = {
         "6",
     ],  # fmt: skip
     # every term of the semi-supervised loss switched on, 5 labelled images per class
-    "ssl": [
-        "--algo",
-        "ssl",
-        "--labels",
-        "50",
-        "--labelled-batch-size",
-        "8",
-        "--class-balance-weight",
-        "0.5",
-        "--path-normalization-weight",
-        "0.5",
-    ],  # fmt: skip
+    "ssl": ["--algo", "ssl", "--labels", "50", "--labelled-batch-size", "8", "--class-balance-weight", "0.5", "--path-normalization-weight", "0.5", "--min-cross-entropy-weight", "0.5", "--consistency-weight", "0.5"],
 }
 
 

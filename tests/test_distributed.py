@@ -261,7 +261,8 @@ def test_semisupervised_em_shards_sum_to_the_whole_batch(optimizer: str) -> None
         y = y.clone()
         y[1::2] = UNLABELLED  # labelled and unlabelled images in every shard of 3
         data.append((x, y))
-    weights = LossWeights(class_balance=0.7, path_normalization=0.3)
+    weights = LossWeights(class_balance=0.7, path_normalization=0.3, min_cross_entropy=0.5,
+                          consistency=0.5)  # fmt: skip
     one = SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
     ranks = [SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
              for _ in range(3)]  # fmt: skip
@@ -278,7 +279,8 @@ def test_semisupervised_losses_and_summaries_add_up_over_shards() -> None:
     x, y = batches(model, seed=34)[0]
     y = y.clone()
     y[::3] = UNLABELLED
-    weights = LossWeights(class_balance=0.7, path_normalization=0.3)
+    weights = LossWeights(class_balance=0.7, path_normalization=0.3, min_cross_entropy=0.5,
+                          consistency=0.5)  # fmt: skip
     one = SemiSupervisedEM(copy.deepcopy(model), weights, lr=0.05)
     expected = one.step(x, y)
     summary = one.end_epoch()

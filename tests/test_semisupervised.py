@@ -39,11 +39,13 @@ from drm.semisupervised import (
     LossWeights,
     SemiSupervisedEM,
     class_balance_term,
+    content_shifts,
     cross_entropy_term,
     entropy_term,
     nonnegativity_term,
     path_normalization_term,
     reconstruction_term,
+    translate,
 )
 from tests.architectures import ARCHITECTURES, TINY_ARCHITECTURES, build, images
 
@@ -241,7 +243,9 @@ def test_cross_entropy_alone_is_discriminative_em_on_the_labelled_images(optimiz
 
 def test_every_term_trains_and_the_summary_is_the_epoch_mean() -> None:
     model = build(ARCHITECTURES["leaky"], seed=13)
-    weights = LossWeights(class_balance=0.5, path_normalization=0.5, min_cross_entropy=0.5)
+    weights = LossWeights(
+        class_balance=0.5, path_normalization=0.5, min_cross_entropy=0.5, consistency=0.5
+    )
     trainer = SemiSupervisedEM(model, weights, lr=0.01)
     batches = [(images(model, 6, seed=40 + i), labels_with_unlabelled(model, 6, 50 + i))
                for i in range(3)]  # fmt: skip
@@ -371,6 +375,13 @@ def test_each_term_alone_has_the_gradient_of_its_formula(term: str) -> None:
         value = class_balance_term(scores.softmax(1).mean(0), model.class_log_prior.detach())
     elif term == "min_cross_entropy":
         value = cross_entropy_term(min_sum(model, x)[0], y)
+    elif term == "consistency":
+        offset = trainer.translation_offset()
+        unlabelled = x[y < 0]
+        shifted = translate(unlabelled, content_shifts(unlabelled, offset, 2))
+        q = scores[y < 0].detach().softmax(1)
+        p = drm.max_sum(model, shifted)[0].softmax(1)
+        value = (q * (q / p).log()).sum(1).mean()
     else:
         zero_image = torch.zeros(1, *model.input_shape, dtype=torch.float64)
         reference_scores, reference_latents = drm.max_sum(model, zero_image)
@@ -422,3 +433,40 @@ def test_min_cross_entropy_is_reported_only_when_weighted() -> None:
     assert float(values["min_cross_entropy"]) == pytest.approx(float(expected), rel=IDENTITY_TOL)
     weighted.step(x, y)
     assert "min_cross_entropy" in weighted.end_epoch()
+
+
+def test_translate_moves_each_image_by_its_shift() -> None:
+    """Oracle: slicing into a zero canvas, image by image."""
+    generator = torch.Generator().manual_seed(32)
+    x = torch.rand(5, 2, 6, 7, generator=generator, dtype=torch.float64)
+    shifts = torch.tensor([[0, 0], [1, -2], [-2, 2], [2, 1], [-1, 0]])
+    moved = translate(x, shifts)
+    for n, (dy, dx) in enumerate(shifts.tolist()):
+        canvas = torch.zeros(2, 6 + 4, 7 + 4, dtype=torch.float64)
+        canvas[:, 2 + dy : 2 + dy + 6, 2 + dx : 2 + dx + 7] = x[n]
+        torch.testing.assert_close(moved[n], canvas[:, 2:8, 2:9], atol=0, rtol=0)
+
+
+def test_content_shifts_do_not_depend_on_the_batch() -> None:
+    x = images(build(ARCHITECTURES["leaky"], seed=33), 12, seed=34).sigmoid()
+    shifts = content_shifts(x, offset=77, max_shift=2)
+    assert int(shifts.abs().max()) <= 2 and shifts.dtype == torch.long
+    assert len({tuple(s) for s in shifts.tolist()}) > 3  # they vary from image to image
+    for part in (slice(0, 5), slice(5, 12), slice(3, 4)):  # a shard shifts its images alike
+        assert torch.equal(content_shifts(x[part], offset=77, max_shift=2), shifts[part])
+    assert not torch.equal(content_shifts(x, offset=78, max_shift=2), shifts)  # another step
+
+
+def test_consistency_is_zero_for_translation_invariant_scores() -> None:
+    """A model whose scores ignore where the image sits (one class template per channel mean)."""
+    from drm import ConvSpec, FlattenSpec, ModelConfig
+
+    config = ModelConfig((1, 6, 6), 3, (ConvSpec(3, 6), FlattenSpec()))  # a 6x6 filter: 1 output
+    model = build(config, seed=35)
+    with torch.no_grad():
+        model.levels[0].weight.fill_(1.0)  # the sum of the pixels: invariant to a shift...
+    x = torch.zeros(4, 1, 6, 6, dtype=torch.float64)
+    x[:, :, 2:4, 2:4] = 1.0  # ...of an image that stays inside the frame
+    trainer = SemiSupervisedEM(model, LossWeights(consistency=1.0), max_shift=2)
+    values, _ = trainer.terms(x, torch.full((4,), UNLABELLED))
+    assert float(values["consistency"].detach()) == pytest.approx(0.0, abs=IDENTITY_TOL)
