@@ -141,6 +141,10 @@ def images(model: drm.DeepRenderingModel, batch: int, seed: int = 0) -> torch.Te
 
 # --- the training script's algorithms (name -> argv) -----------------------------------------
 
+# every term of the semi-supervised loss switched on, 5 labelled images per class
+SSL_ARGV = ["--algo", "ssl", "--labels", "50", "--labelled-batch-size", "8",
+            "--class-balance-weight", "0.5", "--path-normalization-weight", "0.5",
+            "--min-cross-entropy-weight", "0.5", "--consistency-weight", "0.5"]  # fmt: skip
 TRAIN_ALGORITHMS: dict[str, list[str]] = {
     "sgd": ["--algo", "sgd"],
     "dem": ["--algo", "dem", "--m-steps", "2"],
@@ -155,8 +159,7 @@ TRAIN_ALGORITHMS: dict[str, list[str]] = {
         "--template-size",
         "6",
     ],  # fmt: skip
-    # every term of the semi-supervised loss switched on, 5 labelled images per class
-    "ssl": ["--algo", "ssl", "--labels", "50", "--labelled-batch-size", "8", "--class-balance-weight", "0.5", "--path-normalization-weight", "0.5", "--min-cross-entropy-weight", "0.5", "--consistency-weight", "0.5"],
+    "ssl": SSL_ARGV,
 }
 
 
