@@ -434,12 +434,12 @@ import experiments.train as train
 how = sys.argv[1]
 real = train.train_epoch
 
-def faulty(trainer, data, args, epoch, device):
+def faulty(trainer, data, args, epoch, *rest):
     if epoch == 2 and os.environ["RANK"] == "1":
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(600)
-    return real(trainer, data, args, epoch, device)
+    return real(trainer, data, args, epoch, *rest)
 
 train.train_epoch = faulty
 code = train.cli(sys.argv[2:])
