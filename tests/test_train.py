@@ -255,6 +255,10 @@ def test_labelled_subset_is_balanced_seeded_and_saved(tmp_path: Path) -> None:
     assert torch.equal(indices, labelled_subset(data.y_train, 50, 10, seed=0))
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["data"]["labelled_images"] == 50 and config["data"]["train_images"] == 160
+    run(tmp_path / "a", "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
+    assert json.loads((tmp_path / "a" / "labelled.json").read_text()) == saved  # same on resume
+    stored = load_checkpoint(tmp_path / "a" / "model.safetensors").metadata["labelled"]
+    assert json.loads(stored) == saved["indices"]  # and in the checkpoint, under its SHA-256
     run(tmp_path / "b", "--algo", "ssl", "--labels", "50", "--seed", "1", epochs=1)
     other = json.loads((tmp_path / "b" / "labelled.json").read_text())["indices"]
     assert other != saved["indices"]  # another seed, another draw
