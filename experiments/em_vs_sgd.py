@@ -9,6 +9,7 @@ training images per second.
 
 Command:
     python -m experiments.em_vs_sgd --out runs/em_vs_sgd      # full MNIST, about 25 min on 2 cores
+    python -m experiments.em_vs_sgd --out runs/em_vs_sgd --only gem gem_ce   # two rows
     python -m experiments.em_vs_sgd --smoke                    # digits subset, seconds (tests)
 
 Expected output: SGD and DEM(1) reach 99% within a few epochs at the same cost per epoch; DEM(3)
@@ -67,6 +68,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Train every algorithm into out/<name> and summarise the metrics."""
     rows = []
     for name, directory, extra in ALGORITHMS:
+        if args.only and directory not in args.only:
+            continue
         epochs = args.gem_epochs if directory.startswith("gem") else args.epochs
         argv = ["--data", args.data, "--epochs", str(epochs), "--seed", str(args.seed),
                 "--out", str(out / directory), "--no-progress", *extra]  # fmt: skip
@@ -122,6 +125,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[directory for _, directory, _ in ALGORITHMS],
+        default=None,
+        help="run only these rows (by run directory name)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="run directories go here")
     parser.add_argument("--smoke", action="store_true", help="digits subset, 1 epoch (tests)")
     args = parser.parse_args(argv)
