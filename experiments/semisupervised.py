@@ -136,7 +136,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     table = []
-    for labels in args.labels:
+    for labels in args.labels if args.table else []:
         for kind in ("supervised", "ssl"):
             runs = []
             for seed in range(args.draws):
@@ -180,7 +180,7 @@ def format_table(result: dict[str, Any]) -> str:
         "| inference gap | train time (s) |",
         "|---:|---|---:|---|---|---|---|",
     ]
-    for row in result["table"]:
+    for row in result["table"]:  # (empty with --no-table)
         kind = "supervised only" if row["kind"] == "supervised" else "semi-supervised (ssl)"
         gaps = ", ".join("n/a" if g is None else f"{g:.3g}" for g in row["inference_gaps"])
         if any(row["diverged"]):
@@ -234,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--supervised-steps", type=_positive, default=SUPERVISED_STEPS, help="supervised only"
     )
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
+    parser.add_argument("--no-table", dest="table", action="store_false", help="the ablation alone")
     parser.add_argument("--ablation-epochs", type=_positive, default=10)
     parser.add_argument("--threads", type=_positive, default=None)
     parser.add_argument("--limit-train", type=_positive, default=None)

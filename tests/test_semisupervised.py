@@ -54,6 +54,11 @@ TRAJECTORY_TOL = 1e-12  # float64: the same arithmetic on different batch layout
 PARAMETER_NAMES = ["lenet", "leaky", "avgpool", "pool-before-switch"]
 
 
+def only(**weights: float) -> LossWeights:
+    """These weights, every other term 0."""
+    return LossWeights(**{**{name: 0.0 for name, _ in LossWeights().items()}, **weights})
+
+
 def labels_with_unlabelled(model: drm.DeepRenderingModel, n: int, seed: int) -> torch.Tensor:
     """(n,) labels, every third one UNLABELLED."""
     generator = torch.Generator().manual_seed(seed)
@@ -216,10 +221,7 @@ def test_step_refuses_bad_labels() -> None:
 def test_cross_entropy_alone_is_discriminative_em_on_the_labelled_images(optimizer: str) -> None:
     """Zero weight on every other term: the trajectory of DEM(1) = SGD (E9) on the labels."""
     model = build(ARCHITECTURES["leaky"], seed=12)
-    weights = LossWeights(
-        reconstruction=0.0, entropy=0.0, nonnegativity=0.0, class_balance=0.0,
-        path_normalization=0.0,
-    )  # fmt: skip
+    weights = only(cross_entropy=1.0)
     ours = SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
     dem = drm.DiscriminativeEM(copy.deepcopy(model), optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
     for step in range(4):
@@ -326,8 +328,7 @@ def test_inference_gap_bound_is_positive_somewhere() -> None:
 def test_class_balance_gradient_reaches_every_image_of_the_batch() -> None:
     """The batch term's gradient is that of KL(mean posterior || pi), by autograd on a formula."""
     model = build(ARCHITECTURES["leaky"], seed=21)
-    weights = LossWeights(cross_entropy=0.0, reconstruction=0.0, entropy=0.0, nonnegativity=0.0,
-                          class_balance=1.0)  # fmt: skip
+    weights = only(class_balance=1.0)
     trainer = SemiSupervisedEM(model, weights)
     x = images(model, 5, seed=22)
     y = torch.full((5,), UNLABELLED)
@@ -353,8 +354,7 @@ def test_each_term_alone_has_the_gradient_of_its_formula(term: str) -> None:
     model = build(ARCHITECTURES["leaky"], seed=23)
     x = images(model, 6, seed=24)
     y = labels_with_unlabelled(model, 6, seed=25)
-    zero = {name: 0.0 for name, _ in LossWeights().items()}
-    trainer = SemiSupervisedEM(model, LossWeights(**{**zero, term: 2.0}))
+    trainer = SemiSupervisedEM(model, only(**{term: 2.0}))
     _, loss = trainer.terms(x, y)
     parameters = list(model.parameters())
     ours = torch.autograd.grad(loss, parameters, allow_unused=True)
@@ -423,10 +423,10 @@ def test_min_sum_is_the_min_branch_network(name: str) -> None:
 def test_min_cross_entropy_is_reported_only_when_weighted() -> None:
     model = build(ARCHITECTURES["leaky"], seed=28)
     x, y = images(model, 4, seed=29), labels_with_unlabelled(model, 4, seed=30)
-    plain = SemiSupervisedEM(copy.deepcopy(model))
+    plain = SemiSupervisedEM(copy.deepcopy(model), only(cross_entropy=1.0))
     plain.step(x, y)
     assert "min_cross_entropy" not in plain.end_epoch()
-    weighted = SemiSupervisedEM(copy.deepcopy(model), LossWeights(min_cross_entropy=1.0))
+    weighted = SemiSupervisedEM(copy.deepcopy(model), only(min_cross_entropy=1.0))
     with torch.no_grad():
         values, _ = weighted.terms(x, y)
         expected = cross_entropy_term(min_sum(model, x)[0], y)
@@ -467,6 +467,6 @@ def test_consistency_is_zero_for_translation_invariant_scores() -> None:
         model.levels[0].weight.fill_(1.0)  # the sum of the pixels: invariant to a shift...
     x = torch.zeros(4, 1, 6, 6, dtype=torch.float64)
     x[:, :, 2:4, 2:4] = 1.0  # ...of an image that stays inside the frame
-    trainer = SemiSupervisedEM(model, LossWeights(consistency=1.0), max_shift=2)
+    trainer = SemiSupervisedEM(model, only(consistency=1.0), max_shift=2)
     values, _ = trainer.terms(x, torch.full((4,), UNLABELLED))
     assert float(values["consistency"].detach()) == pytest.approx(0.0, abs=IDENTITY_TOL)
