@@ -27,7 +27,8 @@ A few labelled and many unlabelled images train one DRM. Each step is one round 
   measures how far it is. s_min(x) are the scores of bottom-up min-sum (`drm.inference.min_sum`:
   the same network with min(0, u) for ReLU and min-pooling); with the same weight as the
   cross-entropy, the two are the NRM's max-min cross-entropy (up to a factor 2). It costs a
-  second forward and backward pass, so it is computed only when weighted. So is `consistency`:
+  second forward and backward pass, so it is computed only when weighted; so are the path
+  normalisation (a reference pass and a comparison at every level) and `consistency`:
   the DRM's translation nuisance says that the class does not depend on where the image sits, so
   the posterior of a translated image T x (each unlabelled image shifted by up to `max_shift`
   pixels, zeros filling in) is asked to match the image's own, q(x) = softmax(s(x)) held fixed
@@ -112,10 +113,10 @@ class LossWeights:
 
 TERMS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossWeights))
 # Terms that cost a pass of their own: computed (and reported) only when weighted.
-ON_DEMAND = ("min_cross_entropy", "consistency")
+ON_DEMAND = ("path_normalization", "min_cross_entropy", "consistency")
 # Terms that are a mean over the images of the batch (the others: a mean over its labelled
 # images, or a function of the whole batch).
-PER_IMAGE_TERMS = ("reconstruction", "entropy", "nonnegativity", "path_normalization")
+PER_IMAGE_TERMS = ("reconstruction", "entropy", "nonnegativity")
 
 
 # --- the terms ---------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def nonnegativity_term(model: DeepRenderingModel, signals: list[Tensor]) -> Tens
     """
     total = signals[0].new_zeros(())
     for index in model.latent_levels:
-        total = total + F.relu(-signals[index + 1]).pow(2).mean()
+        total = total + signals[index + 1].clamp(max=0.0).square().mean()  # relu(-g)^2
     return total
 
 
@@ -317,7 +318,7 @@ class SemiSupervisedEM:
 
         Returns:
             terms: name -> this batch's part of the global batch's term (unweighted, detached
-                where its weight is 0; min_cross_entropy only when weighted); over the
+                where its weight is 0; the ON_DEMAND terms only when weighted); over the
                 processes the parts add up to the term.
             loss: sum of weight * term, differentiable; over the processes the gradients add up
                 to the global batch's.
@@ -350,11 +351,14 @@ class SemiSupervisedEM:
                     "reconstruction": reconstruction_term(model, x, mu),
                     "nonnegativity": nonnegativity_term(model, signals),
                 }
-            with torch.set_grad_enabled(grad and self.weights.path_normalization > 0):
+            if self.weights.path_normalization > 0:
                 parts["path_normalization"] = self._path_normalization(classes, signals)
             parts["entropy"] = entropy_term(scores)
         else:  # an empty shard (data-parallel): its parts are zero
-            parts = dict.fromkeys(PER_IMAGE_TERMS, scores.sum() * 0.0)
+            names = [*PER_IMAGE_TERMS] + ["path_normalization"] * (
+                self.weights.path_normalization > 0
+            )
+            parts = dict.fromkeys(names, scores.sum() * 0.0)
         values = {"cross_entropy": cross_entropy_term(scores, y) * label_share}
         values.update({name: part * image_share for name, part in parts.items()})
         if self.weights.min_cross_entropy > 0:

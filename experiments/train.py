@@ -158,7 +158,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ssl": {
         "epochs": 25,
         "lr": 1e-3,
-        "lr_decay": 0.95,
+        "lr_decay": 0.93,
         "labelled_batch_size": 32,
         "consistency_shift": 2,
     },
