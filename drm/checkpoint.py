@@ -54,12 +54,13 @@ def atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(Path(tmp))
+        # mkstemp creates 0600 files, and a writer may replace the file (safetensors does):
+        # set the permissions a plain open() would give once the content is written
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

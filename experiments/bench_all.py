@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 import drm
 from cnn_equiv import SGDTrainer, to_cnn
+from drm.checkpoint import atomic_write
 from drm.data import load_mnist
 from drm.em import DiscriminativeEM, GenerativeEM
 from drm.semisupervised import UNLABELLED, SemiSupervisedEM
@@ -751,7 +752,7 @@ def plot_scaling(result: dict[str, Any], path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"max_sum cost growth (batch {result['batch']}, float32)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -1014,8 +1015,8 @@ if __name__ == "__main__":
     outcome = main(arguments)
     print(format_table(outcome))
     if arguments.json:
-        arguments.json.parent.mkdir(parents=True, exist_ok=True)
-        arguments.json.write_text(json.dumps(outcome, indent=2))
+        text = json.dumps(outcome, indent=2)
+        atomic_write(arguments.json, lambda tmp: tmp.write_text(text))
         plot_scaling(
             outcome["scaling"], arguments.json.with_name(arguments.json.stem + "_scaling.png")
         )

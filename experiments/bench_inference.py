@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 import drm
 from cnn_equiv import to_cnn
+from drm.checkpoint import atomic_write
 from drm.data import Dataset, load_mnist
 from drm.pyro_model import pyro_map
 
@@ -242,5 +243,5 @@ if __name__ == "__main__":
     outcome = main(arguments)
     print(format_table(outcome))
     if arguments.json:
-        arguments.json.parent.mkdir(parents=True, exist_ok=True)
-        arguments.json.write_text(json.dumps(outcome, indent=2))
+        text = json.dumps(outcome, indent=2)
+        atomic_write(arguments.json, lambda tmp: tmp.write_text(text))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,19 @@ def test_round_trip_is_exact(tmp_path: Path, name: str) -> None:
     assert torch.equal(drm.max_sum(model, x)[0], drm.max_sum(loaded, x)[0])
     assert read_metadata(path)["epoch"] == "3"
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left
+
+
+def test_checkpoints_get_the_permissions_of_every_other_file(tmp_path: Path) -> None:
+    """A checkpoint is readable as a plain open() would make it (not mkstemp's 0600)."""
+    model = drm.DeepRenderingModel.from_config(ARCHITECTURES["leaky"], seed=82)
+    previous = os.umask(0o022)
+    try:
+        save_model(model, tmp_path / "m.safetensors")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o644
 
 
 def test_float32_models_stay_float32(tmp_path: Path) -> None:
