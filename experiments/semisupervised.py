@@ -85,6 +85,9 @@ def run(out: Path, name: str, argv: list[str], args: argparse.Namespace) -> dict
         "name": name,
         "argv": argv,
         "test_error": 1.0 - metrics[-1]["test_accuracy"],
+        # the epoch-to-epoch spread is a few tenths of a percent: the mean of the last three
+        # epochs compares short runs more fairly than the last one alone
+        "last3_error": statistics.fmean(1.0 - m["test_accuracy"] for m in metrics[-3:]),
         "train_seconds": sum(m["train_seconds"] for m in metrics),
         "epochs": len(metrics),
         "diverged": diverged,
@@ -196,9 +199,9 @@ def format_table(result: dict[str, Any]) -> str:
             "Ablation (first draw; each term of the default loss removed in turn, each optional "
             "one added):",
             "",
-            "| loss | test error (%) | generative classifier (%) | inference gap "
-            "| train time (s) |",
-            "|---|---:|---:|---:|---:|",
+            "| loss | test error (%) | mean of the last 3 epochs (%) | generative classifier (%) "
+            "| inference gap | train time (s) |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for r in result["ablation"]:
             gap = "n/a" if r["inference_gap"] is None else f"{r['inference_gap']:.3g}"
@@ -206,7 +209,8 @@ def format_table(result: dict[str, Any]) -> str:
             if r["diverged"]:
                 row += f" (diverged in epoch {r['epochs'] + 1}: {r['epochs']} epochs shown)"
             lines.append(
-                f"| {row} | {100 * r['test_error']:.2f} | {100 * r['generative_error']:.2f} "
+                f"| {row} | {100 * r['test_error']:.2f} | {100 * r['last3_error']:.2f} "
+                f"| {100 * r['generative_error']:.2f} "
                 f"| {gap} | {r['train_seconds']:.0f} |"
             )
     lines += ["", "Published (MNIST, 100 labels; not reproduced here):", ""]
