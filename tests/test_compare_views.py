@@ -132,3 +132,43 @@ def test_a_second_model_is_rendered_beside_the_first(tmp_path: Path) -> None:
         assert numbers[f"rendering_mse {flag}"] == pytest.approx(float(((x - mu) ** 2).mean()))
         accuracy = float((scores.argmax(1) == data.y_test[:pool]).double().mean())
         assert numbers[f"accuracy {flag}"] == pytest.approx(accuracy)
+
+
+def test_the_report_uses_the_data_of_the_run(tmp_path: Path) -> None:
+    """A model trained on a user's .npz is reported on that .npz (not MNIST), at its own size;
+    changed data and data of another shape are refused in one line."""
+    import numpy as np
+
+    import drm
+    from drm.data import load_digits
+    from experiments import train
+
+    digits = load_digits()
+    # the user's data: the digits mirrored left-right, so a report on the bundled digits differs
+    arrays = {"x_train": digits.x_train.flip(-1).numpy(), "y_train": digits.y_train.numpy(),
+              "x_test": digits.x_test.flip(-1).numpy(),
+              "y_test": digits.y_test.numpy()}  # fmt: skip
+    path = tmp_path / "mirrored.npz"
+    np.savez(path, **arrays)
+    run = tmp_path / "run"
+    train.main(train.parse_args(["--data", str(path), "--epochs", "1", "--limit-train", "400",
+                                 "--out", str(run), "--no-progress"]))  # fmt: skip
+    argv = ["--smoke", "--model", str(run), "--out", str(tmp_path / "views")]
+    result = compare_views.main(compare_views.parse_args(argv))
+    page = Path(str(result["page"])).read_text()
+    assert "mirrored.npz test images" in page
+    model = drm.load_model(run / train.CHECKPOINT)
+    pool = compare_views.SIZES["smoke"]["rendering_pool"]
+    x, y = digits.x_test.flip(-1)[:pool].to(model.dtype), digits.y_test[:pool]
+    with torch.no_grad():  # oracle: the accuracy on the user's (mirrored) images
+        accuracy = float((drm.max_sum(model, x)[0].argmax(1) == y).double().mean())
+    assert result["numbers"]["accuracy --model"] == pytest.approx(accuracy)
+
+    np.savez(path, **{**arrays, "x_test": arrays["x_test"] * 0.5})
+    with pytest.raises(compare_views.ReportError, match="has changed since the run"):
+        compare_views.main(compare_views.parse_args(argv))
+    with pytest.raises(compare_views.ReportError, match=r"\(1, 28, 28\) images of 10 classes"):
+        compare_views.main(compare_views.parse_args([*argv, "--data", "mnist"]))
+    # --data on purpose: other data of the model's shape is the user's choice
+    result = compare_views.main(compare_views.parse_args([*argv, "--data", "digits"]))
+    assert "Data: digits test images" in Path(str(result["page"])).read_text()
