@@ -664,6 +664,17 @@ def write_outputs(out: Path, run_config: dict[str, Any], metrics: list[dict[str,
         plot_curves(out / CURVES, metrics)
 
 
+def check_finite(model: Any, epoch: int) -> None:
+    """Raise RunError when a parameter or buffer of `model` is NaN or infinite (divergence)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "nothing saved"
+            raise RunError(
+                f"epoch {epoch}: the model's {name} is no longer finite (training diverged; "
+                f"{kept}); try a lower --lr"
+            )
+
+
 def save_run(
     out: Path,
     model: Any,
@@ -930,6 +941,7 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
         train_loss, summary, steps = train_epoch(trainer, data, args, epoch, device, labelled)
         trained = time.perf_counter()
         current = trainer.current_model()
+        check_finite(current, epoch)
         relabel = None
         if isinstance(current, ShallowRenderingModel) and args.unsupervised:
             # clusters carry no labels: score each as the majority label of its training images

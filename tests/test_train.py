@@ -30,7 +30,7 @@ from drm.semisupervised import ON_DEMAND, TERMS
 from drm.shallow import ShallowRenderingModel
 from experiments import train
 from experiments.train import SSL_WEIGHTS
-from tests.architectures import TRAIN_ALGORITHMS, single_thread
+from tests.architectures import ARCHITECTURES, TRAIN_ALGORITHMS, single_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -394,6 +394,23 @@ def test_stray_labels_need_num_classes(tmp_path: Path, capsys: pytest.CaptureFix
     assert load_checkpoint(tmp_path / "b" / train.CHECKPOINT).model.num_classes == 11
     with pytest.raises(ValueError, match=r"labels 9 lie outside \[0, 9\)"):
         train.load_data("digits", None, None, num_classes=9)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A huge learning rate: one line, non-zero exit, nothing saved; a parameter that is no
+    longer finite after an epoch stops the run before the checkpoint is overwritten."""
+    line = cli_error(capsys, [*SMALL, "--lr", "1e30", "--epochs", "2", "--out",
+                              str(tmp_path / "huge")])  # fmt: skip
+    assert "try a lower --lr" in line
+    assert not (tmp_path / "huge" / train.CHECKPOINT).exists()
+    model = drm.DeepRenderingModel.from_config(ARCHITECTURES["leaky"], seed=1)
+    train.check_finite(model, 3)  # finite: nothing to say
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(train.RunError, match="no longer finite .*epoch 2 is kept"):
+        train.check_finite(model, 3)
 
 
 def test_resume_mismatch_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
