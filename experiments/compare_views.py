@@ -76,6 +76,7 @@ from drm.data import Dataset, load_digits
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound, refine_latents
 from experiments import train
+from experiments._cli import Parser, positive_int, run_command
 from experiments._html import Report
 from experiments.demo import TINY_PATCH_CONFIG
 
@@ -544,9 +545,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.compare_views", description=__doc__.split("\n")[0]
-    )
+    parser = Parser(prog="python -m experiments.compare_views", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, help="a run directory or a .safetensors checkpoint")
     source.add_argument("--torch-cnn", type=Path, help="a LeNet state_dict saved by torch.save")
@@ -564,7 +563,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "MNIST for --torch-cnn)",
     )
     parser.add_argument("--out", type=Path, default=None, help="the report folder")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--smoke", action="store_true", help="digits, small sizes (tests)")
     args = parser.parse_args(argv)
     if args.out is None and not args.smoke:
@@ -572,9 +571,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command: the report's path and numbers, or one line on stderr (exit status 1)."""
+    return run_command(lambda: format_table(main(parse_args(argv))), ReportError, train.RunError)
+
+
 if __name__ == "__main__":
-    try:
-        print(format_table(main(parse_args())))
-    except (ReportError, train.RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli())

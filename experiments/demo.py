@@ -29,6 +29,7 @@ from torch import nn
 import drm
 from cnn_equiv import compare_views, to_drm
 from drm.data import load_digits
+from experiments._cli import Parser, run_command
 
 # A tiny model of real 4x4 digit patches whose exact MAP is computable by enumeration (16,384
 # latent configurations x 3 classes); also used by experiments.compare_views.
@@ -151,7 +152,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m experiments.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="Adam steps of 64 digits")
     parser.add_argument("--sigma2", type=float, default=0.1, help="pixel noise variance")
     parser.add_argument("--seed", type=int, default=0)
@@ -164,6 +165,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command: the table, or one line on stderr (exit status 1)."""
+    return run_command(lambda: format_table(main(parse_args(argv))))
+
+
 if __name__ == "__main__":
-    print(format_table(main(parse_args())))
-    sys.exit(0)
+    sys.exit(cli())

@@ -90,7 +90,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import sys
@@ -124,6 +123,7 @@ from drm.refine import inference_gap_lower_bound
 from drm.semisupervised import TERMS, UNLABELLED, LossWeights, SemiSupervisedEM
 from drm.shallow import ShallowRenderingModel
 from drm.shallow_em import ShallowEM, init_from_class_means, init_from_kmeans
+from experiments._cli import EXPECTED_ERRORS, Parser, one_line, positive_int
 
 CHECKPOINT = "model.safetensors"
 # the checkpoint of the epoch before, kept for a resume when the latest is damaged
@@ -184,8 +184,6 @@ GAP_SWEEPS = 5  # refinement sweeps of the inference-gap bound (more: tighter, s
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "elapsed", "images_per_second")
 DIST_TIMEOUT = 120.0  # seconds; --dist-timeout
 FORMAT = "drm-train-run/1"
-# What the CLI reports as one line (no traceback).
-EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 
 T = TypeVar("T")
 
@@ -197,11 +195,6 @@ class RunError(Exception):
 class Terminated(BaseException):
     """SIGTERM under torchrun (it stops every rank when one fails); not an Exception, so that
     nothing swallows it on the way out."""
-
-
-def one_line(err: BaseException) -> str:
-    """The error's message on one line; gloo's '[file.cc:123] ' source prefix dropped."""
-    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", " ".join(str(err).split()))
 
 
 def _nothing() -> None:
@@ -1054,13 +1047,6 @@ def format_table(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
@@ -1076,16 +1062,14 @@ def _positive_float(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.train", description=__doc__.split("\n")[0]
-    )
+    parser = Parser(prog="python -m experiments.train", description=__doc__.split("\n")[0])
     parser.add_argument("--algo", choices=("sgd", "dem", "em", "ssl"), default="sgd")
     parser.add_argument(
         "--data", default=None, help="mnist, digits, or PATH.npz (default mnist; digits w/ smoke)"
     )
     parser.add_argument(
         "--epochs",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"default 2 (ssl: {DEFAULTS['ssl']['epochs']})",
     )
@@ -1103,7 +1087,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default: lenet for 28x28 or larger images, small otherwise",
     )
     parser.add_argument(
-        "--batch-size", type=_positive, default=None, help="default 64 (16 below 10k images)"
+        "--batch-size", type=positive_int, default=None, help="default 64 (16 below 10k images)"
     )
     parser.add_argument(
         "--lr",
@@ -1119,17 +1103,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{DEFAULTS['ssl']['lr_decay']:g})",
     )
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    parser.add_argument("--m-steps", type=_positive, default=1, help="DEM gradient steps")
+    parser.add_argument("--m-steps", type=positive_int, default=1, help="DEM gradient steps")
     parser.add_argument(
         "--num-classes",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="the class count K (labels in [0, K)); default: max label + 1, refusing a class "
         "with no or a stray few training images or one seen only in the test set",
     )
     parser.add_argument(
         "--labels",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="label only N training images (balanced: N / classes each, drawn from --seed; "
         "indices saved in DIR/labelled.json); sgd, dem, em then train on those alone, ssl on "
@@ -1137,14 +1121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--labelled-batch-size",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"ssl: labelled images added to each batch of --batch-size unlabelled ones "
         f"(default {DEFAULTS['ssl']['labelled_batch_size']})",
     )
     parser.add_argument(
         "--consistency-shift",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"ssl: the consistency term's largest translation in pixels (default "
         f"{DEFAULTS['ssl']['consistency_shift']})",
@@ -1163,7 +1147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shallow model: the translation nuisance",
     )
     parser.add_argument(
-        "--template-size", type=_positive, default=None, help="shallow, interior: template side"
+        "--template-size", type=positive_int, default=None, help="shallow, interior: template side"
     )
     parser.add_argument(
         "--init", choices=("kmeans", "class-means"), default="kmeans", help="shallow model start"
@@ -1175,7 +1159,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shallow EM: ignore the labels (accuracy: each cluster's majority label)",
     )
     parser.add_argument(
-        "--cg-iterations", type=_positive, default=3, help="deep EM: CG steps per level and batch"
+        "--cg-iterations",
+        type=positive_int,
+        default=3,
+        help="deep EM: CG steps per level and batch",
     )
     parser.add_argument(
         "--em-step-size",
@@ -1185,7 +1172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--refine-sweeps",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="deep EM: top-down refinement sweeps after the bottom-up E-step; default none",
     )
@@ -1209,10 +1196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"torchrun: seconds before a collective that a rank never joins fails "
         f"(default {DIST_TIMEOUT:g})",
     )
-    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
-    parser.add_argument("--limit-train", type=_positive, default=None, help="first N train")
-    parser.add_argument("--limit-test", type=_positive, default=None, help="first N test")
-    parser.add_argument("--eval-batch-size", type=_positive, default=1000)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--limit-train", type=positive_int, default=None, help="first N train")
+    parser.add_argument("--limit-test", type=positive_int, default=None, help="first N test")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=1000)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument(
         "--smoke", action="store_true", help="digits, 256 images, 1 epoch (for the tests)"
