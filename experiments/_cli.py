@@ -1,6 +1,7 @@
 """What every command of experiments/ shares: bad input is one line on stderr, never a traceback.
 
 * `Parser`: argparse whose usage errors are one line (`prog: error: ... (see --help)`), exit 2.
+* `Progress`: a line per stage of a long command (silenced by --no-progress).
 * `run_command(body, *errors)`: runs body() and prints what it returns; an expected error
   (ValueError, TypeError, OSError and the command's own) becomes `error: <one line>`, exit 1.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -48,3 +50,19 @@ def run_command(body: Callable[[], str | None], *errors: type[BaseException]) ->
     if text:
         print(text)
     return 0
+
+
+class Progress:
+    """One line on stderr as each stage of a long command starts, with the time so far."""
+
+    def __init__(self, prog: str, stages: int, enabled: bool = True) -> None:
+        self.prog, self.stages, self.enabled = prog, stages, enabled
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        self.done += 1
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            print(f"{self.prog}: [{self.done}/{self.stages}] {name} ({elapsed:.0f} s so far)",
+                  file=sys.stderr, flush=True)  # fmt: skip

@@ -76,7 +76,7 @@ from drm.data import Dataset, load_digits
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound, refine_latents
 from experiments import train
-from experiments._cli import Parser, positive_int, run_command
+from experiments._cli import Parser, Progress, positive_int, run_command
 from experiments._html import Report
 from experiments.demo import TINY_PATCH_CONFIG
 
@@ -225,10 +225,20 @@ def section_inversion(report: Report, model: drm.DeepRenderingModel, x: Tensor,
                     if not isinstance(lv, (drm.Flatten, drm.Classes))]]  # fmt: skip
     table = inversion_report(model, x, levels, steps=sizes["inversion_steps"], lr=0.05,
                              generator=torch.Generator().manual_seed(1))  # fmt: skip
+    skipped = [f"{i} ({type(lv).__name__})" for i, lv in enumerate(model.levels)
+               if i not in levels]  # fmt: skip
+    report.paragraph(
+        "Level 'input' is the image itself (both inversions must reproduce it); level i is the "
+        "output of the model's level i. Not inverted: "
+        + ", ".join(skipped)
+        + " (a Flatten holds the same numbers as the level before it; the class level's output "
+        "is the scores)."
+    )
+    names = ["input" if lv == -1 else str(lv) for lv in table["level"]]
     report.table(
         ["level", "kind", "features", "rendering error", "(scale-invariant)",
          "optimisation error", "(scale-invariant)"],
-        [list(r) for r in zip(table["level"], table["kind"], table["features"],
+        [list(r) for r in zip(names, table["kind"], table["features"],
                               table["rendering_error"], table["rendering_scale_invariant_error"],
                               table["optimization_error"],
                               table["optimization_scale_invariant_error"], strict=True)],
@@ -528,7 +538,9 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         ("refinement", lambda: section_refinement(report, model, data, sizes)),
         ("renderings", lambda: section_renderings(report, models, data, sizes)),
     ]  # fmt: skip
+    progress = Progress("compare_views", len(sections), args.progress)
     for name, run in sections:
+        progress.stage(name)
         start = time.perf_counter()
         numbers.update(run())
         timings[name] = time.perf_counter() - start
@@ -565,6 +577,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="the report folder")
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--smoke", action="store_true", help="digits, small sizes (tests)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.out is None and not args.smoke:
         parser.error("--out DIR is required (except with --smoke)")

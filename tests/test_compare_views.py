@@ -68,6 +68,7 @@ def test_the_page_renders_in_headless_chromium(
     assert loaded is not None, "the page's load check did not run"
     good, total = int(loaded.group(1)), int(loaded.group(2))
     assert total == len(result["figures"]) and good == total  # type: ignore[arg-type]
+    assert 'data-images-overflowing="0"' in dom
     shot = out / "screenshot.png"
     subprocess.run(
         [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}",
@@ -75,6 +76,23 @@ def test_the_page_renders_in_headless_chromium(
         capture_output=True, timeout=120, check=True,
     )  # fmt: skip
     assert shot.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+def test_a_figure_wider_than_the_page_is_scaled_to_fit(tmp_path: Path) -> None:
+    """A 16-column grid is ~2,200 px at its resolution: the page scales it to the column."""
+    from experiments._html import Report
+
+    report = Report(tmp_path, "wide")
+    report.grid("wide", [[torch.rand(8, 8) for _ in range(16)]], ["row"], [], "16 columns")
+    url = report.write().resolve().as_uri()
+    assert CHROMIUM is not None
+    dom = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1200,800", "--virtual-time-budget=10000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert 'data-images-loaded="1/1"' in dom and 'data-images-overflowing="0"' in dom
 
 
 def test_a_torch_state_dict_is_loaded_safely(tmp_path: Path) -> None:
