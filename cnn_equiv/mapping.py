@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -200,8 +201,8 @@ def to_drm(
     shape = input_shape_of(
         cnn, input_shape, "to_drm needs input_shape=(C, H, W) for a plain nn.Sequential"
     )
-    if not float(sigma2) > 0:
-        raise ValueError(f"sigma2 must be > 0, got {sigma2}")
+    if not (math.isfinite(float(sigma2)) and float(sigma2) > 0):
+        raise ValueError(f"sigma2 must be finite and > 0, got {sigma2}")
 
     # First pass: torch layers -> (path, level) with BatchNorm folded into the layer before it.
     entries: list[tuple[str, Level]] = []

@@ -124,6 +124,9 @@ def _write(path: Path, model: Model, tensors: dict[str, Tensor], metadata: dict[
         }
     )
     for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            # it could be written but never loaded back: refuse it now
+            raise ValueError(f"save: the model's {name} holds NaN or inf")
         tensors[_MODEL_PREFIX + name] = t
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     header[_DIGEST_KEY] = content_digest(tensors, header)

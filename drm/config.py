@@ -12,6 +12,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,8 +190,8 @@ class ModelConfig:
         object.__setattr__(self, "levels", tuple(self.levels))
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        if not self.sigma2 > 0:
-            raise ValueError(f"sigma2 must be > 0, got {self.sigma2}")
+        if not (math.isfinite(self.sigma2) and self.sigma2 > 0):
+            raise ValueError(f"sigma2 must be finite and > 0, got {self.sigma2}")
         for i, spec in enumerate(self.levels):
             if type(spec) not in _KIND_OF:
                 raise TypeError(f"levels[{i}] is {type(spec).__name__}, not a level spec")

@@ -73,8 +73,13 @@ class DeepRenderingModel(nn.Module):
                 raise TypeError(f"levels[{i}] is {type(level).__name__}, not a drm Level")
             if isinstance(level, Classes) and i != len(levels) - 1:
                 raise ValueError(f"levels[{i}] is Classes, which may only be the last level")
-        if not float(sigma2) > 0:
-            raise ValueError(f"sigma2 must be > 0, got {sigma2}")
+        if not (math.isfinite(float(sigma2)) and float(sigma2) > 0):
+            raise ValueError(f"sigma2 must be finite and > 0, got {sigma2}")
+        for i, level in enumerate(levels):
+            for name, tensor in level.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    kind = type(level).__name__
+                    raise ValueError(f"levels[{i}].{name} ({kind}) holds NaN or inf")
         self.input_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
         self.levels = LevelStack(levels)
         current: tuple[int, ...] = shape

@@ -1,7 +1,8 @@
 """A minimal HTML report: sections of text, tables and PNG figures (matplotlib, no pyplot).
 
 Used by `experiments.compare_views`. The page carries a small script that, once every image has
-loaded, records how many decoded correctly in `<body data-images-loaded="n/m">`, so a headless
+loaded, records how many decoded correctly in `<body data-images-loaded="n/m">` and how many
+are wider than the page (`data-images-overflowing`; figures scale to the page width), so a headless
 browser (`--dump-dom`) can check the report without a human; `tests/test_compare_views.py` does.
 """
 
@@ -25,6 +26,10 @@ window.addEventListener("load", () => {
   const images = Array.from(document.images);
   const good = images.filter((im) => im.complete && im.naturalWidth > 0).length;
   document.body.dataset.imagesLoaded = good + "/" + images.length;
+  // figures wider than the page's text column would be cut off: count them
+  const column = document.body.getBoundingClientRect();
+  const wide = images.filter((im) => im.getBoundingClientRect().right > column.right + 0.5);
+  document.body.dataset.imagesOverflowing = String(wide.length);
 });
 </script>
 """
@@ -36,7 +41,8 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
 th { background: #f4f4f4; }
 td:first-child, th:first-child { text-align: left; }
-figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
+figure { margin: 1em 0; } img { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 0.9em; }
 code { background: #f4f4f4; padding: 0 0.2em; }
 </style>
 """

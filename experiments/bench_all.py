@@ -73,6 +73,7 @@ from drm.data import load_mnist
 from drm.em import DiscriminativeEM, GenerativeEM
 from drm.semisupervised import UNLABELLED, SemiSupervisedEM
 from drm.shallow_em import ShallowEM, init_from_class_means
+from experiments._cli import Parser, positive_int, run_command
 from experiments.bench_inference import interleaved, synchronize, tiny_model, tiny_patches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -956,9 +957,11 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = Parser(
+        prog="python -m experiments.bench_all", description=(__doc__ or "").split("\n")[0]
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (inference)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--infer-batch", type=int, default=256)
@@ -1010,13 +1013,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":
-    arguments = parse_args()
+def command(argv: list[str] | None) -> str:
+    """Measure, write --json (and its scaling plot) if asked, and return the tables."""
+    arguments = parse_args(argv)
     outcome = main(arguments)
-    print(format_table(outcome))
     if arguments.json:
         text = json.dumps(outcome, indent=2)
         atomic_write(arguments.json, lambda tmp: tmp.write_text(text))
         plot_scaling(
             outcome["scaling"], arguments.json.with_name(arguments.json.stem + "_scaling.png")
         )
+    return format_table(outcome)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command: the tables, or one line on stderr (exit status 1)."""
+    return run_command(lambda: command(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

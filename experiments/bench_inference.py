@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -39,6 +40,7 @@ from cnn_equiv import to_cnn
 from drm.checkpoint import atomic_write
 from drm.data import Dataset, load_mnist
 from drm.pyro_model import pyro_map
+from experiments._cli import Parser, positive_int, run_command
 
 
 def plain_lenet(widths: tuple[int, int, int], inplace: bool = False) -> nn.Sequential:
@@ -221,10 +223,12 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(
+        prog="python -m experiments.bench_inference", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1000])
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per candidate")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tiny-width", type=int, default=9, help="16 switches at width 9")
     parser.add_argument("--tiny-images", type=int, default=16)
@@ -238,10 +242,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":
-    arguments = parse_args()
+def command(argv: list[str] | None) -> str:
+    """Measure, write --json if asked, and return the table."""
+    arguments = parse_args(argv)
     outcome = main(arguments)
-    print(format_table(outcome))
     if arguments.json:
         text = json.dumps(outcome, indent=2)
         atomic_write(arguments.json, lambda tmp: tmp.write_text(text))
+    return format_table(outcome)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command: the table, or one line on stderr (exit status 1)."""
+    return run_command(lambda: command(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -37,6 +37,7 @@ its path and the headline numbers (docs/views.md shows a full report).
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import sys
 import tempfile
@@ -70,10 +71,12 @@ from cnn_equiv.visualize import (
     top_patches,
     unit_template,
 )
-from drm.data import Dataset, load_digits, load_mnist
+from drm.checkpoint import read_metadata
+from drm.data import Dataset, load_digits
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound, refine_latents
 from experiments import train
+from experiments._cli import Parser, Progress, positive_int, run_command
 from experiments._html import Report
 from experiments.demo import TINY_PATCH_CONFIG
 
@@ -85,8 +88,8 @@ class ReportError(Exception):
 # --- the model --------------------------------------------------------------------------------
 
 
-def load_any(path: Path | None, torch_cnn: Path | None, data: Dataset, out: Path, smoke: bool
-             ) -> tuple[drm.DeepRenderingModel, str]:  # fmt: skip
+def load_any(path: Path | None, torch_cnn: Path | None, data: Dataset, out: Path, smoke: bool,
+             data_name: str = "mnist") -> tuple[drm.DeepRenderingModel, str]:  # fmt: skip
     """The model to report on, and a sentence saying where it came from."""
     if path is not None:
         file = path / train.CHECKPOINT if path.is_dir() else path
@@ -112,7 +115,7 @@ def load_any(path: Path | None, torch_cnn: Path | None, data: Dataset, out: Path
         return to_drm(cnn.eval()), f"torch LeNet state_dict {torch_cnn}"
     run = out / "model"
     argv = ["--out", str(run), "--no-progress", "--overwrite"]
-    argv += ["--smoke"] if smoke else ["--algo", "sgd", "--data", "mnist", "--epochs", "2"]
+    argv += ["--smoke"] if smoke else ["--algo", "sgd", "--data", data_name, "--epochs", "2"]
     train.main(train.parse_args(argv))
     return drm.load_model(run / train.CHECKPOINT), f"trained here: {' '.join(argv)}"  # type: ignore[return-value]
 
@@ -222,10 +225,20 @@ def section_inversion(report: Report, model: drm.DeepRenderingModel, x: Tensor,
                     if not isinstance(lv, (drm.Flatten, drm.Classes))]]  # fmt: skip
     table = inversion_report(model, x, levels, steps=sizes["inversion_steps"], lr=0.05,
                              generator=torch.Generator().manual_seed(1))  # fmt: skip
+    skipped = [f"{i} ({type(lv).__name__})" for i, lv in enumerate(model.levels)
+               if i not in levels]  # fmt: skip
+    report.paragraph(
+        "Level 'input' is the image itself (both inversions must reproduce it); level i is the "
+        "output of the model's level i. Not inverted: "
+        + ", ".join(skipped)
+        + " (a Flatten holds the same numbers as the level before it; the class level's output "
+        "is the scores)."
+    )
+    names = ["input" if lv == -1 else str(lv) for lv in table["level"]]
     report.table(
         ["level", "kind", "features", "rendering error", "(scale-invariant)",
          "optimisation error", "(scale-invariant)"],
-        [list(r) for r in zip(table["level"], table["kind"], table["features"],
+        [list(r) for r in zip(names, table["kind"], table["features"],
                               table["rendering_error"], table["rendering_scale_invariant_error"],
                               table["optimization_error"],
                               table["optimization_scale_invariant_error"], strict=True)],
@@ -448,16 +461,53 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return build(args, args.out)
 
 
+def run_data(path: Path | None) -> tuple[str | None, dict[str, Any]]:
+    """(the --data of the run that wrote `path`, its recorded data description), or (None, {})."""
+    if path is None:
+        return None, {}
+    file = path / train.CHECKPOINT if path.is_dir() else path
+    try:
+        config = json.loads(read_metadata(file).get("run_config", "{}"))
+        return config["args"]["data"], config.get("data", {})
+    except (OSError, ValueError, KeyError, TypeError):  # not a training run's checkpoint
+        return None, {}
+
+
+def load_report_data(args: argparse.Namespace) -> tuple[Dataset, str]:
+    """The data of the report: --data, else the run's own data, else MNIST (digits: --smoke)."""
+    recorded, description = run_data(args.model)
+    if args.data is not None:
+        name = train.data_name(args.data)
+    else:
+        name = recorded or ("digits" if args.smoke else "mnist")
+    try:
+        data = train.load_data(name, None, None)
+    except (OSError, ValueError, TypeError) as err:
+        where = "--data" if args.data is not None else f"the data of --model {args.model}"
+        raise ReportError(f"{where}: {train.one_line(err)}") from err
+    if name == recorded and "sha256" in description:
+        now = train.data_source(name)["sha256"]
+        if now != description["sha256"]:
+            raise ReportError(
+                f"{name} has changed since the run was trained (sha256 {description['sha256']}"
+                f" then, {now} now): pass --data to report on other data"
+            )
+    return data, name
+
+
 def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     out.mkdir(parents=True, exist_ok=True)
-    data = load_digits() if args.smoke else load_mnist()
-    model, origin = load_any(args.model, args.torch_cnn, data, out, args.smoke)
+    data, data_label = load_report_data(args)
+    model, origin = load_any(args.model, args.torch_cnn, data, out, args.smoke, data_label)
     model.eval()
     data = data.to(model.dtype)
-    if model.input_shape != data.image_shape:
-        raise ReportError(f"the model takes {model.input_shape} images, the data are "
-                          f"{data.image_shape}")  # fmt: skip
+    if model.input_shape != data.image_shape or model.num_classes != data.num_classes:
+        raise ReportError(
+            f"the model takes {model.input_shape} images and has {model.num_classes} classes, "
+            f"the data {data_label} are {data.image_shape} images of {data.num_classes} classes: "
+            "pass --data with the model's data"
+        )
     cnn = to_cnn(model).eval()
     models = {"--model": model}
     if args.compare_model is not None:
@@ -472,7 +522,7 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         origin += f"; compared with {other_origin}"
     sizes = SIZES["smoke" if args.smoke else "full"]
     report = Report(out, "The two views of a CNN: visualising and breaking it")
-    report.paragraph(f"Model: {origin}. Data: {'digits' if args.smoke else 'MNIST'} test images.")
+    report.paragraph(f"Model: {origin}. Data: {data_label} test images.")
     report.code(" ".join(["python -m experiments.compare_views", *sys.argv[1:]]))
     x, _ = first_images_per_class(data, 1)
     numbers: dict[str, float] = {}
@@ -488,7 +538,9 @@ def build(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         ("refinement", lambda: section_refinement(report, model, data, sizes)),
         ("renderings", lambda: section_renderings(report, models, data, sizes)),
     ]  # fmt: skip
+    progress = Progress("compare_views", len(sections), args.progress)
     for name, run in sections:
+        progress.stage(name)
         start = time.perf_counter()
         numbers.update(run())
         timings[name] = time.perf_counter() - start
@@ -505,9 +557,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.compare_views", description=__doc__.split("\n")[0]
-    )
+    parser = Parser(prog="python -m experiments.compare_views", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, help="a run directory or a .safetensors checkpoint")
     source.add_argument("--torch-cnn", type=Path, help="a LeNet state_dict saved by torch.save")
@@ -518,18 +568,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a second run directory or checkpoint whose renderings stand beside --model's "
         "(section 7), e.g. a semi-supervised run",
     )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="mnist, digits or PATH.npz (default: the data the --model run was trained on; "
+        "MNIST for --torch-cnn)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="the report folder")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--smoke", action="store_true", help="digits, small sizes (tests)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.out is None and not args.smoke:
         parser.error("--out DIR is required (except with --smoke)")
     return args
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command: the report's path and numbers, or one line on stderr (exit status 1)."""
+    return run_command(lambda: format_table(main(parse_args(argv))), ReportError, train.RunError)
+
+
 if __name__ == "__main__":
-    try:
-        print(format_table(main(parse_args())))
-    except (ReportError, train.RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli())

@@ -19,6 +19,7 @@ agreement, inference gap 0 for the non-negative tiny model and > 0 for the signe
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from torch import nn
 import drm
 from cnn_equiv import compare_views, to_drm
 from drm.data import load_digits
+from experiments._cli import Parser, Progress, run_command
 
 # A tiny model of real 4x4 digit patches whose exact MAP is computable by enumeration (16,384
 # latent configurations x 3 classes); also used by experiments.compare_views.
@@ -89,7 +91,10 @@ def tiny_patch_gaps(data: drm.data.Dataset, seed: int) -> dict[str, float]:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
+    progress = Progress("demo", 3, args.progress)
+    progress.stage(f"training the CNN ({args.steps} Adam steps)")
     cnn, data, accuracy = train_digits_cnn(args.steps, args.seed)
+    progress.stage("E1, E2, E6 on the test digits")
     model = to_drm(cnn, sigma2=args.sigma2, input_shape=(1, 8, 8))
     x, labels = data.x_test, data.y_test
 
@@ -106,6 +111,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     x_grad = x.clone().requires_grad_()
     (gradient,) = torch.autograd.grad(cnn(x_grad).gather(1, labels[:, None]).sum(), x_grad)
     e6 = float((rendered / args.sigma2 - gradient).abs().max())
+    progress.stage("E3, E4: exact MAP by enumeration on tiny models")
     gaps = tiny_patch_gaps(data, args.seed)
     return {
         "test_images": int(x.shape[0]),
@@ -151,19 +157,24 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m experiments.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="Adam steps of 64 digits")
     parser.add_argument("--sigma2", type=float, default=0.1, help="pixel noise variance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps, for the tests")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps = 20
-    if args.steps < 0 or not args.sigma2 > 0:
-        parser.error("--steps must be >= 0 and --sigma2 > 0")
+    if args.steps < 0 or not (math.isfinite(args.sigma2) and args.sigma2 > 0):
+        parser.error("--steps must be >= 0 and --sigma2 finite and > 0")
     return args
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command: the table, or one line on stderr (exit status 1)."""
+    return run_command(lambda: format_table(main(parse_args(argv))))
+
+
 if __name__ == "__main__":
-    print(format_table(main(parse_args())))
-    sys.exit(0)
+    sys.exit(cli())

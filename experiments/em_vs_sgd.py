@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import train
+from experiments._cli import Parser, positive_int, run_command
 
 # (table name, run directory, arguments of experiments.train)
 ALGORITHMS: tuple[tuple[str, str, list[str]], ...] = (
@@ -118,13 +119,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m experiments.em_vs_sgd", description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="mnist")
     parser.add_argument("--epochs", type=int, default=6, help="for SGD and DEM")
     parser.add_argument("--gem-epochs", type=int, default=2, help="for generative EM")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--limit-train", type=positive_int, default=None)
     parser.add_argument(
         "--only",
         nargs="+",
@@ -142,9 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command: the table, or one line on stderr (exit status 1)."""
+    return run_command(lambda: format_table(main(parse_args(argv))), train.RunError)
+
+
 if __name__ == "__main__":
-    try:
-        print(format_table(main(parse_args())))
-    except train.RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli())

@@ -44,6 +44,7 @@ from drm.checkpoint import load_checkpoint
 from drm.inference import generative_scores
 from drm.semisupervised import TERMS
 from experiments import train
+from experiments._cli import Parser, positive_int, run_command
 
 # the semi-supervised trainer with every unlabelled term off: supervised training on the labels
 SUPERVISED = [
@@ -218,29 +219,22 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m experiments.semisupervised", description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="mnist", help="mnist, digits or PATH.npz")
-    parser.add_argument("--labels", type=_positive, nargs="+", default=[100, 1000])
-    parser.add_argument("--draws", type=_positive, default=3, help="label draws (seeds 0..)")
+    parser.add_argument("--labels", type=positive_int, nargs="+", default=[100, 1000])
+    parser.add_argument("--draws", type=positive_int, default=3, help="label draws (seeds 0..)")
     parser.add_argument(
-        "--epochs", type=_positive, default=None, help="ssl epochs (default: train's default)"
+        "--epochs", type=positive_int, default=None, help="ssl epochs (default: train's default)"
     )
     parser.add_argument(
-        "--supervised-epochs", type=_positive, default=2, help="of the supervised-only runs"
+        "--supervised-epochs", type=positive_int, default=2, help="of the supervised-only runs"
     )
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--no-table", dest="table", action="store_false", help="the ablation alone")
-    parser.add_argument("--ablation-epochs", type=_positive, default=10)
-    parser.add_argument("--threads", type=_positive, default=None)
-    parser.add_argument("--limit-train", type=_positive, default=None)
+    parser.add_argument("--ablation-epochs", type=positive_int, default=10)
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--limit-train", type=positive_int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="run directories go here")
     parser.add_argument("--smoke", action="store_true", help="digits subset, 1 epoch (tests)")
     args = parser.parse_args(argv)
@@ -251,9 +245,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command: the table, or one line on stderr (exit status 1)."""
+    return run_command(lambda: format_table(main(parse_args(argv))), train.RunError)
+
+
 if __name__ == "__main__":
-    try:
-        print(format_table(main(parse_args())))
-    except (train.RunError, ValueError, OSError) as err:
-        print(f"error: {train.one_line(err)}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli())

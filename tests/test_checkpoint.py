@@ -175,3 +175,26 @@ def test_a_flipped_bit_is_caught_by_the_digest(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="do not match their SHA-256"):
         load_model(path)
+
+
+def test_non_finite_models_are_refused_before_they_are_written(tmp_path: Path) -> None:
+    """A NaN weight or an infinite sigma^2 is refused at construction, import and save: a run
+    never writes a checkpoint that load_model would then refuse."""
+    import torch.nn as nn
+
+    from cnn_equiv import to_drm
+
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    assert to_drm(cnn, input_shape=(1, 6, 6)).num_classes == 3
+    with pytest.raises(ValueError, match="sigma2 must be finite"):
+        to_drm(cnn, input_shape=(1, 6, 6), sigma2=float("inf"))
+    with torch.no_grad():
+        cnn[3].weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"levels\[\d\]\.weight \(\w+\) holds NaN or inf"):
+        to_drm(cnn, input_shape=(1, 6, 6))
+    model = drm.DeepRenderingModel.from_config(ARCHITECTURES["leaky"], seed=83)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("inf")
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        save_model(model, tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing written, no temporary left

@@ -68,6 +68,7 @@ def test_the_page_renders_in_headless_chromium(
     assert loaded is not None, "the page's load check did not run"
     good, total = int(loaded.group(1)), int(loaded.group(2))
     assert total == len(result["figures"]) and good == total  # type: ignore[arg-type]
+    assert 'data-images-overflowing="0"' in dom
     shot = out / "screenshot.png"
     subprocess.run(
         [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}",
@@ -75,6 +76,23 @@ def test_the_page_renders_in_headless_chromium(
         capture_output=True, timeout=120, check=True,
     )  # fmt: skip
     assert shot.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+def test_a_figure_wider_than_the_page_is_scaled_to_fit(tmp_path: Path) -> None:
+    """A 16-column grid is ~2,200 px at its resolution: the page scales it to the column."""
+    from experiments._html import Report
+
+    report = Report(tmp_path, "wide")
+    report.grid("wide", [[torch.rand(8, 8) for _ in range(16)]], ["row"], [], "16 columns")
+    url = report.write().resolve().as_uri()
+    assert CHROMIUM is not None
+    dom = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1200,800", "--virtual-time-budget=10000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert 'data-images-loaded="1/1"' in dom and 'data-images-overflowing="0"' in dom
 
 
 def test_a_torch_state_dict_is_loaded_safely(tmp_path: Path) -> None:
@@ -132,3 +150,43 @@ def test_a_second_model_is_rendered_beside_the_first(tmp_path: Path) -> None:
         assert numbers[f"rendering_mse {flag}"] == pytest.approx(float(((x - mu) ** 2).mean()))
         accuracy = float((scores.argmax(1) == data.y_test[:pool]).double().mean())
         assert numbers[f"accuracy {flag}"] == pytest.approx(accuracy)
+
+
+def test_the_report_uses_the_data_of_the_run(tmp_path: Path) -> None:
+    """A model trained on a user's .npz is reported on that .npz (not MNIST), at its own size;
+    changed data and data of another shape are refused in one line."""
+    import numpy as np
+
+    import drm
+    from drm.data import load_digits
+    from experiments import train
+
+    digits = load_digits()
+    # the user's data: the digits mirrored left-right, so a report on the bundled digits differs
+    arrays = {"x_train": digits.x_train.flip(-1).numpy(), "y_train": digits.y_train.numpy(),
+              "x_test": digits.x_test.flip(-1).numpy(),
+              "y_test": digits.y_test.numpy()}  # fmt: skip
+    path = tmp_path / "mirrored.npz"
+    np.savez(path, **arrays)
+    run = tmp_path / "run"
+    train.main(train.parse_args(["--data", str(path), "--epochs", "1", "--limit-train", "400",
+                                 "--out", str(run), "--no-progress"]))  # fmt: skip
+    argv = ["--smoke", "--model", str(run), "--out", str(tmp_path / "views")]
+    result = compare_views.main(compare_views.parse_args(argv))
+    page = Path(str(result["page"])).read_text()
+    assert "mirrored.npz test images" in page
+    model = drm.load_model(run / train.CHECKPOINT)
+    pool = compare_views.SIZES["smoke"]["rendering_pool"]
+    x, y = digits.x_test.flip(-1)[:pool].to(model.dtype), digits.y_test[:pool]
+    with torch.no_grad():  # oracle: the accuracy on the user's (mirrored) images
+        accuracy = float((drm.max_sum(model, x)[0].argmax(1) == y).double().mean())
+    assert result["numbers"]["accuracy --model"] == pytest.approx(accuracy)
+
+    np.savez(path, **{**arrays, "x_test": arrays["x_test"] * 0.5})
+    with pytest.raises(compare_views.ReportError, match="has changed since the run"):
+        compare_views.main(compare_views.parse_args(argv))
+    with pytest.raises(compare_views.ReportError, match=r"\(1, 28, 28\) images of 10 classes"):
+        compare_views.main(compare_views.parse_args([*argv, "--data", "mnist"]))
+    # --data on purpose: other data of the model's shape is the user's choice
+    result = compare_views.main(compare_views.parse_args([*argv, "--data", "digits"]))
+    assert "Data: digits test images" in Path(str(result["page"])).read_text()

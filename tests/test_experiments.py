@@ -38,10 +38,14 @@ def test_script_runs_at_smoke_size(name: str) -> None:
     assert isinstance(text, str) and text
 
 
-def test_demo_numbers_are_identities() -> None:
+def test_demo_numbers_are_identities(capsys: pytest.CaptureFixture[str]) -> None:
     from experiments import demo
 
     r = demo.main(demo.parse_args(["--smoke"]))
+    stages = capsys.readouterr().err.splitlines()  # one progress line per stage, then silence
+    assert [line.split("] ")[0] for line in stages] == [f"demo: [{i}/3" for i in (1, 2, 3)]
+    demo.main(demo.parse_args(["--smoke", "--no-progress"]))
+    assert capsys.readouterr().err == ""
     for key in ("e2_max_logit_difference", "e1_max_error", "e6_max_error", "nonnegative_max_gap"):
         assert r[key] < 1e-10, key
     assert r["e2_switch_agreement"] == 1.0 and r["e2_translation_agreement"] == 1.0

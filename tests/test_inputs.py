@@ -129,7 +129,7 @@ def test_model_and_config_construction_errors() -> None:
         drm.DeepRenderingModel.from_config(
             drm.ModelConfig((1, 4, 4), 2, (drm.ConvSpec(1, 5), drm.FlattenSpec()))
         )
-    with pytest.raises(ValueError, match="sigma2 must be > 0"):
+    with pytest.raises(ValueError, match="sigma2 must be finite and > 0"):
         drm.ModelConfig((1, 4, 4), 2, (drm.FlattenSpec(),), sigma2=-1.0)
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         drm.ModelConfig((1, 4, 4), 1, (drm.FlattenSpec(),))

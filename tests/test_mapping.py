@@ -242,7 +242,7 @@ def test_to_drm_argument_errors() -> None:
         to_drm(nn.Linear(16, 2), input_shape=(1, 4, 4))
     with pytest.raises(ValueError, match="needs input_shape"):
         to_drm(cnn)
-    with pytest.raises(ValueError, match="sigma2 must be > 0"):
+    with pytest.raises(ValueError, match="sigma2 must be finite and > 0"):
         to_drm(cnn, sigma2=0.0, input_shape=(1, 4, 4))
     with pytest.raises(ValueError, match="input_shape must be"):
         to_drm(cnn, input_shape=(16,))

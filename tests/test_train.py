@@ -30,7 +30,7 @@ from drm.semisupervised import ON_DEMAND, TERMS
 from drm.shallow import ShallowRenderingModel
 from experiments import train
 from experiments.train import SSL_WEIGHTS
-from tests.architectures import TRAIN_ALGORITHMS, single_thread
+from tests.architectures import ARCHITECTURES, TRAIN_ALGORITHMS, single_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -298,19 +298,42 @@ def test_ssl_records_every_term_and_the_generative_view(tmp_path: Path) -> None:
     assert record["test_inference_gap"] >= 0
 
 
-def test_resume_refuses_a_changed_labelled_subset(tmp_path: Path) -> None:
+def test_resume_refuses_changed_data(tmp_path: Path) -> None:
+    """The run is bound to its data: the .npz rewritten between epochs is refused, by name."""
     data = train.load_data("digits", 160, 100)
     path = tmp_path / "data.npz"
     arrays = {"x_train": data.x_train.numpy(), "y_train": data.y_train.numpy(),
               "x_test": data.x_test.numpy(), "y_test": data.y_test.numpy()}  # fmt: skip
     np.savez(path, **arrays)
-    argv = ["--data", str(path), "--algo", "ssl", "--labels", "50", "--no-progress"]
-    train.main(train.parse_args([*argv, "--epochs", "1", "--out", str(tmp_path / "run")]))
-    arrays["y_train"] = np.roll(arrays["y_train"], 1)  # other labels: another balanced draw
-    np.savez(path, **arrays)
-    with pytest.raises(train.RunError, match="labelled subset"):
-        train.main(train.parse_args([*argv, "--epochs", "2", "--out", str(tmp_path / "run"),
-                                     "--resume"]))  # fmt: skip
+    for name, change in {
+        "labels": {"y_train": np.roll(arrays["y_train"], 1)},  # another balanced draw, too
+        "pixels": {"x_train": arrays["x_train"] * 0.5},  # same sizes, shape and classes
+        "size": {"x_test": arrays["x_test"][:90], "y_test": arrays["y_test"][:90]},
+    }.items():
+        np.savez(path, **arrays)
+        out = tmp_path / name
+        argv = ["--data", str(path), "--algo", "ssl", "--labels", "50", "--no-progress", "--out",
+                str(out)]  # fmt: skip
+        train.main(train.parse_args([*argv, "--epochs", "1"]))
+        stored = json.loads((out / train.CONFIG).read_text())["data"]
+        assert stored["source"] == "file" and len(stored["sha256"]) == 64
+        before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+        np.savez(path, **{**arrays, **change})
+        with pytest.raises(train.RunError, match="the data of the run .* have changed: sha256"):
+            train.main(train.parse_args([*argv, "--epochs", "2", "--resume"]))
+        after = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+        assert after == before, name  # the run directory is untouched
+
+
+def test_runs_record_the_bundled_data_source(tmp_path: Path) -> None:
+    run(tmp_path / "r", epochs=1)
+    stored = json.loads((tmp_path / "r" / train.CONFIG).read_text())["data"]
+    assert stored["source"].startswith("scikit-learn ") and "sha256" not in stored
+    assert stored["num_classes"] == 10 and stored["image_shape"] == [1, 8, 8]
+    # a version change of the package that ships the data is a change of data
+    config = dict(stored, source="scikit-learn 0.0")
+    with pytest.raises(train.RunError, match=r"source 'scikit-learn 0.0' \(stored\)"):
+        train.check_same_data(config, stored, tmp_path / "r")
 
 
 @pytest.mark.parametrize(
@@ -353,6 +376,41 @@ def test_bad_data_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not an npz archive")
     assert "bad.npz" in cli_error(capsys, ["--data", str(bad), "--out", str(tmp_path / "o")])
+
+
+def test_stray_labels_need_num_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stray label 10 in a 10-class set: refused in one line; --num-classes 11 accepts it."""
+    data = train.load_data("digits", None, None)
+    y_train = data.y_train.numpy().copy()
+    y_train[5] = 10
+    path = tmp_path / "stray.npz"
+    np.savez(path, x_train=data.x_train.numpy(), y_train=y_train, x_test=data.x_test.numpy(),
+             y_test=data.y_test.numpy())  # fmt: skip
+    argv = ["--data", str(path), "--epochs", "1", "--limit-test", "50"]
+    line = cli_error(capsys, [*argv, "--out", str(tmp_path / "a")])
+    assert "stray labels: 10 (1 training images)" in line and "--num-classes" in line
+    assert not (tmp_path / "a" / train.CHECKPOINT).exists()
+    run(tmp_path / "b", "--data", str(path), "--num-classes", "11", epochs=1)
+    assert load_checkpoint(tmp_path / "b" / train.CHECKPOINT).model.num_classes == 11
+    with pytest.raises(ValueError, match=r"labels 9 lie outside \[0, 9\)"):
+        train.load_data("digits", None, None, num_classes=9)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A huge learning rate: one line, non-zero exit, nothing saved; a parameter that is no
+    longer finite after an epoch stops the run before the checkpoint is overwritten."""
+    line = cli_error(capsys, [*SMALL, "--lr", "1e30", "--epochs", "2", "--out",
+                              str(tmp_path / "huge")])  # fmt: skip
+    assert "try a lower --lr" in line
+    assert not (tmp_path / "huge" / train.CHECKPOINT).exists()
+    model = drm.DeepRenderingModel.from_config(ARCHITECTURES["leaky"], seed=1)
+    train.check_finite(model, 3)  # finite: nothing to say
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(train.RunError, match="no longer finite .*epoch 2 is kept"):
+        train.check_finite(model, 3)
 
 
 def test_resume_mismatch_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -408,6 +466,40 @@ def test_corrupted_checkpoint_is_one_line_in_process(
     corrupt(tmp_path / "model.safetensors", how)
     line = cli_error(capsys, [*SMALL, "--epochs", "2", "--out", str(tmp_path), "--resume"])
     assert "model.safetensors" in line
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Oracle: the uninterrupted 3-epoch run. The damaged epoch-2 file falls back to epoch 1."""
+    run(tmp_path / "straight", epochs=3)
+    out = tmp_path / "damaged"
+    run(out, epochs=2)
+    assert load_checkpoint(out / train.PREVIOUS).metadata["epoch"] == "1"
+    corrupt(out / train.CHECKPOINT, "flipped-bit")
+    capsys.readouterr()
+    run(out, "--resume", epochs=3)
+    warning = capsys.readouterr().err
+    assert "warning:" in warning and train.PREVIOUS in warning
+    assert_same_run(tmp_path / "straight", out)
+    assert load_checkpoint(out / train.PREVIOUS).metadata["epoch"] == "2"
+    # both damaged: one line that says what to do
+    for name in (train.CHECKPOINT, train.PREVIOUS):
+        corrupt(out / name, "truncated")
+    line = cli_error(capsys, [*SMALL, "--epochs", "4", "--out", str(out), "--resume"])
+    assert "unreadable too" in line and "--overwrite" in line
+
+
+def test_recorded_epochs_are_not_replaced_without_overwrite(tmp_path: Path) -> None:
+    """A directory with epochs in metrics.json but no checkpoint is still a run."""
+    run(tmp_path, epochs=1)
+    for name in (train.CHECKPOINT, train.PREVIOUS):
+        (tmp_path / name).unlink(missing_ok=True)
+    before = (tmp_path / train.METRICS).read_bytes()
+    with pytest.raises(train.RunError, match=r"1 epochs in metrics.json.*--overwrite"):
+        run(tmp_path, epochs=1)
+    assert (tmp_path / train.METRICS).read_bytes() == before
+    run(tmp_path, "--overwrite", epochs=1)
 
 
 def test_any_flipped_bit_or_cut_is_reported(
