@@ -3,8 +3,8 @@
 `EquivalentCNN` is a plain `nn.Sequential` of torch layers (Conv2d, Linear, ReLU, LeakyReLU,
 MaxPool2d, AvgPool2d, Flatten) that remembers the image shape it was built for; it runs wherever
 torch runs (`.to("cuda")`). `record_latents` reads off what a CNN's forward pass decided, the ReLU
-masks and the max-pool indices, with forward hooks on the torch layers themselves, so that it is an
-oracle independent of `drm.max_sum`.
+masks and the max-pool indices, by intercepting the torch calls themselves (modules or functions),
+so that it is an oracle independent of `drm.max_sum` and of the fx tracing of `to_drm`.
 
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 
 class EquivalentCNN(nn.Sequential):
@@ -48,7 +49,7 @@ class CNNLatents:
         logits: (B, C).
         switches: one bool mask per ReLU/LeakyReLU layer, 1[pre-activation > 0], input-shaped.
         translations: one int64 index tensor per MaxPool2d layer (torch's return_indices).
-        switch_layers, pool_layers: the dotted module paths of those layers.
+        switch_layers, pool_layers: the dotted module path that ran each (or the function).
     """
 
     logits: Tensor
@@ -100,47 +101,82 @@ def iter_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
         yield prefix, module
 
 
+_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
+_LEAKY_RELUS = {F.leaky_relu, F.leaky_relu_}
+
+
+def _max_pool_arguments(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                        dilation: Any = 1, ceil_mode: bool = False,
+                        return_indices: bool = False) -> dict[str, Any]:  # fmt: skip
+    return {"kernel_size": kernel_size, "stride": stride, "padding": padding,
+            "dilation": dilation, "ceil_mode": ceil_mode}  # fmt: skip
+
+
+class _Recorder(TorchFunctionMode):
+    """Sees every ReLU, LeakyReLU and (adaptive) max-pooling call of a forward pass, module or
+    function."""
+
+    def __init__(self, where: list[str]) -> None:
+        super().__init__()
+        self.where = where  # the module paths being run, innermost last
+        self.switches: list[Tensor] = []
+        self.translations: list[Tensor] = []
+        self.switch_layers: list[str] = []
+        self.pool_layers: list[str] = []
+
+    def _name(self, func: Any) -> str:
+        return self.where[-1] if self.where else f"{getattr(func, '__name__', func)}()"
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _RELUS or func in _LEAKY_RELUS:
+            # the pre-activation, before an in-place ReLU overwrites it
+            self.switches.append(args[0] > 0)
+            self.switch_layers.append(self._name(func))
+        elif func is F.adaptive_max_pool2d:
+            _, indices = F.adaptive_max_pool2d(args[0], *args[1:2], return_indices=True,
+                                               **{k: v for k, v in kwargs.items()
+                                                  if k == "output_size"})  # fmt: skip
+            self.translations.append(indices)
+            self.pool_layers.append(self._name(func))
+        elif func is F.max_pool2d:
+            pool = _max_pool_arguments(*args, **kwargs)
+            _, indices = F.max_pool2d(args[0], return_indices=True, **pool)
+            self.translations.append(indices)
+            self.pool_layers.append(self._name(func))
+        return func(*args, **kwargs)
+
+
 def record_latents(cnn: nn.Module, x: Tensor) -> CNNLatents:
-    """Run `cnn` on x and record every ReLU mask and max-pool index with forward hooks."""
-    switches: list[Tensor] = []
-    translations: list[Tensor] = []
-    switch_layers: list[str] = []
-    pool_layers: list[str] = []
+    """Run `cnn` on x and record every ReLU mask and max-pool index, in the order they run.
+
+    Every call is seen, whether a module (nn.ReLU, nn.MaxPool2d, a module used twice) or a
+    function (F.relu, F.max_pool2d, x.relu()) makes it: a torch function mode intercepts them
+    during the forward pass (independent of torch.fx, which `to_drm` uses to read the network).
+    Each is named by the innermost module running it.
+    """
+    where: list[str] = []
     handles = []
 
-    def on_switch(path: str) -> Any:
-        # a pre-hook sees the pre-activation even when the layer works in place
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            switches.append(inputs[0] > 0)
-            switch_layers.append(path)
+    def enter(path: str) -> Any:
+        def hook(*_: Any) -> None:
+            where.append(path)
 
         return hook
 
-    def on_pool(path: str) -> Any:
-        def hook(module: nn.MaxPool2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            _, indices = F.max_pool2d(
-                inputs[0],
-                module.kernel_size,
-                module.stride,
-                module.padding,
-                module.dilation,
-                module.ceil_mode,
-                return_indices=True,
-            )
-            translations.append(indices)
-            pool_layers.append(path)
+    def leave(*_: Any) -> None:  # returns None: the module's output stays as it is
+        where.pop()
 
-        return hook
-
-    for path, layer in iter_layers(cnn):
-        if isinstance(layer, (nn.ReLU, nn.LeakyReLU)):
-            handles.append(layer.register_forward_pre_hook(on_switch(path)))
-        elif isinstance(layer, nn.MaxPool2d):
-            handles.append(layer.register_forward_hook(on_pool(path)))
+    for path, module in cnn.named_modules():
+        if path:
+            handles.append(module.register_forward_pre_hook(enter(path)))
+            handles.append(module.register_forward_hook(leave))
+    recorder = _Recorder(where)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), recorder:
             logits = cnn(x)
     finally:
         for handle in handles:
             handle.remove()
-    return CNNLatents(logits, switches, translations, switch_layers, pool_layers)
+    return CNNLatents(logits, recorder.switches, recorder.translations, recorder.switch_layers,
+                      recorder.pool_layers)  # fmt: skip

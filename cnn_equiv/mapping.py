@@ -26,15 +26,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from cnn_equiv.cnn import EquivalentCNN, input_shape_of, iter_layers
+from cnn_equiv.cnn import EquivalentCNN, input_shape_of
+from cnn_equiv.tracing import SUPPORTED, trace_chain
 from drm.config import AvgPoolSpec, ConvSpec, DenseSpec, MaxPoolSpec, SwitchSpec, as_pair
 from drm.levels import AvgPool, Classes, Conv, Dense, Flatten, Level, MaxPool, Switch
 from drm.model import DeepRenderingModel
 
-SUPPORTED_LAYERS = (
-    "Conv2d, Linear, ReLU, LeakyReLU, MaxPool2d, AvgPool2d, Flatten, Dropout, Identity, "
-    "BatchNorm1d/2d (eval mode, right after a Conv2d or Linear)"
-)
+SUPPORTED_LAYERS = SUPPORTED
 _DROPPED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
 
@@ -179,35 +177,42 @@ def to_drm(
     """The Deep Rendering Model whose max-sum inference is the forward pass of `cnn`.
 
     Args:
-        cnn: an `EquivalentCNN` or any `nn.Sequential` (nested allowed) of the layers listed in
-            `SUPPORTED_LAYERS`, ending with the nn.Linear that scores the classes.
+        cnn: any nn.Module that torch.fx can trace whose forward is one chain of the
+            operations listed in `SUPPORTED_LAYERS` (modules or functional calls; a module
+            called twice is two levels), ending with the nn.Linear that scores the classes,
+            optionally followed by a log_softmax (`cnn_equiv.tracing.trace_chain`).
         sigma2: the pixel noise variance sigma^2 of the rendering model; the CNN does not fix it
             (eq. 17), it only scales rendered images: mu = sigma^2 h^(0).
         input_shape: (C0, H, W) of one image; taken from the CNN when it is an `EquivalentCNN`.
+            Adaptive pooling is mapped at this shape.
 
     Returns:
-        A model with copies of the CNN's parameters. Its scores equal the CNN's logits minus the
-        class-independent constant logsumexp(final bias) (eq. 12), so the softmax is identical.
+        A model with copies of the CNN's parameters (a layer applied twice, weight tying
+        included, becomes two levels with copies of the same weights: the forward pass is the
+        network's; training the DRM does not keep them tied). Its scores equal the CNN's logits
+        minus the class-independent constant logsumexp(final bias) (eq. 12), so the softmax is
+        identical. A final log_softmax is dropped: the scores then equal the network's output
+        up to a per-image constant, so every softmax, arg max and cross-entropy is the same.
 
     Raises:
-        TypeError: `cnn` is not an nn.Sequential.
-        ValueError: an unsupported layer (named by its path), training-mode BatchNorm, or an
-            input shape that does not fit the layers.
+        TypeError: `cnn` is not an nn.Module.
+        ValueError: an untraceable forward, an unsupported operation (named by its module path
+            or function and source line), training-mode BatchNorm, or an input shape that does
+            not fit the layers.
     """
-    if not isinstance(cnn, nn.Sequential):
-        raise TypeError(
-            f"to_drm expects an nn.Sequential of {SUPPORTED_LAYERS}; got {type(cnn).__name__}"
-        )
+    if not isinstance(cnn, nn.Module):
+        raise TypeError(f"to_drm expects an nn.Module (a CNN), got {type(cnn).__name__}")
     shape = input_shape_of(
-        cnn, input_shape, "to_drm needs input_shape=(C, H, W) for a plain nn.Sequential"
+        cnn, input_shape, "to_drm needs input_shape=(C, H, W) (the size of one image)"
     )
     if not (math.isfinite(float(sigma2)) and float(sigma2) > 0):
         raise ValueError(f"sigma2 must be finite and > 0, got {sigma2}")
+    chain = trace_chain(cnn, shape)
 
     # First pass: torch layers -> (path, level) with BatchNorm folded into the layer before it.
     entries: list[tuple[str, Level]] = []
     previous_linear: tuple[str, Level] | None = None  # a Conv/Dense that a BatchNorm may follow
-    for path, layer in iter_layers(cnn):
+    for path, layer in chain.layers:
         if isinstance(layer, _DROPPED):
             continue  # identity at inference; nothing between a layer and its BatchNorm though
         if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):

@@ -212,11 +212,11 @@ BAD_CNNS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     ),
     "shape-misfit": (
         lambda: nn.Sequential(nn.Flatten(), nn.Linear(15, 3)),
-        r"input shape \(1, 4, 4\) does not fit layer 1: .*15 input features, got 16",
+        r"input shape \(1, 4, 4\) does not fit module 1: .*\(2x16 and 15x3\)",
     ),
     "channel-misfit": (
         lambda: nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(8, 2)),
-        r"does not fit layer 0: Conv expects 3 input channels, got 1",
+        r"does not fit module 0: .*to have 3 channels, but got 1",
     ),
     "leaky-slope-above-one": (
         lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 3), nn.LeakyReLU(2.0), nn.Linear(3, 2)),
@@ -238,8 +238,8 @@ def test_to_drm_rejects_what_it_cannot_map_with_an_error_naming_the_layer(name: 
 
 def test_to_drm_argument_errors() -> None:
     cnn = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
-    with pytest.raises(TypeError, match="expects an nn.Sequential"):
-        to_drm(nn.Linear(16, 2), input_shape=(1, 4, 4))
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        to_drm(lambda x: x, input_shape=(1, 4, 4))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs input_shape"):
         to_drm(cnn)
     with pytest.raises(ValueError, match="sigma2 must be finite and > 0"):
