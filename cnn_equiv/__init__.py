@@ -1,7 +1,7 @@
 """The neural-net view of the Deep Rendering Model: the equivalent CNN and the parameter mapping.
 
     to_cnn(model) -> EquivalentCNN       the CNN whose forward pass is max-sum in `model`
-    to_drm(cnn, sigma2=1.0) -> model     the rendering model of a torch CNN (nn.Sequential)
+    to_drm(cnn, sigma2=1.0) -> model     the rendering model of a torch CNN (any traceable chain)
     compare_views(model, x) -> report    agreement of the two views and the inference gap
     cnn_equiv.visualize, cnn_equiv.attacks  visualising and breaking a CNN through both views
 

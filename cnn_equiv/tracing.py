@@ -303,7 +303,9 @@ def trace_chain(cnn: nn.Module, input_shape: Sequence[int]) -> Chain:
     example = torch.zeros((2, *input_shape), dtype=dtype, device=device)
     try:
         # only the shapes matter: torch's performance warnings are not the user's concern here
-        with torch.no_grad(), warnings.catch_warnings():
+        # a train-mode dropout must not consume the caller's random numbers: fork the RNG
+        devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), warnings.catch_warnings(), torch.random.fork_rng(devices):
             warnings.simplefilter("ignore")
             _Shapes(module).run(example)
     except _Misfit as misfit:

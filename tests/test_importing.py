@@ -382,3 +382,14 @@ def test_batchnorm1d_after_linear_is_folded() -> None:
     model = to_drm(_ready(net, 8), input_shape=(1, 4, 4))
     assert [type(lv).__name__ for lv in model.levels] == ["Flatten", "Dense", "Switch", "Classes"]
     assert_same_network(net, (1, 4, 4), False)
+
+
+def test_importing_leaves_the_network_and_the_random_state_alone() -> None:
+    """to_drm runs the network once for the shapes: no RNG draw (train-mode dropout), no
+    parameter or buffer change."""
+    net = _ready(MnistExampleNet(), 9).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    state = torch.get_rng_state()
+    to_drm(net, input_shape=(1, 28, 28))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
