@@ -67,7 +67,7 @@ import torch
 from torch import Tensor, nn
 
 import drm
-from cnn_equiv import SGDTrainer, to_cnn
+from cnn_equiv import SGDTrainer, to_cnn, to_drm
 from drm.checkpoint import atomic_write
 from drm.data import load_mnist
 from drm.em import DiscriminativeEM, GenerativeEM
@@ -303,6 +303,34 @@ def throughput(args: argparse.Namespace, data: Any, device: torch.device) -> lis
                      args.tiny_images, args.tiny_images, seconds["exact"], None))  # fmt: skip
     rows.append(_row("max_sum, same tiny model", args.tiny_images, args.tiny_images,
                      seconds["max_sum"], None))  # fmt: skip
+    return rows
+
+
+def imported(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """max_sum of networks imported by to_drm against the network's own forward pass.
+
+    The AlexNet- and VGG-11-BN-shaped modules of tests/zoo.py (torchvision's structure, fewer
+    channels) at 224x224, float32, in inference mode.
+    """
+    from tests.zoo import AlexNetShaped, VGGShaped
+
+    rows = []
+    batch = args.zoo_batch
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((batch, 3, 224, 224), generator=generator).to(device)
+    for name, net in (("AlexNet-shaped", AlexNetShaped()), ("VGG-11-BN-shaped", VGGShaped(True))):
+        torch.manual_seed(0)
+        net = net.to(device).eval()
+        model = to_drm(net, input_shape=(3, 224, 224))
+        with torch.inference_mode():
+            candidates: dict[str, Callable[[], object]] = {
+                "module": partial(net, x),
+                "max_sum": partial(drm.max_sum, model, x),
+            }
+            seconds = interleaved(candidates, args.rounds, device, args.warmup)
+        rows.append({"network": name, "batch": batch,
+                     "module_seconds": seconds["module"], "max_sum_seconds": seconds["max_sum"],
+                     "ratio": seconds["module"] / seconds["max_sum"]})  # fmt: skip
     return rows
 
 
@@ -774,7 +802,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "hot_paths": partial(hot_paths, args, data, device),
         "memory": partial(memory, args, device),
         "scaling": partial(scaling, args, device),
+        "imported": partial(imported, args, device),
     }
+    if args.only:
+        sections = {name: run for name, run in sections.items() if name in args.only}
     for name, run in sections.items():
         start = _cpu_snapshot()
         results[name] = run()
@@ -797,12 +828,9 @@ def profile_lines(title: str, unit: str, ops: list[dict[str, Any]], top: int) ->
     return lines
 
 
-def format_table(results: dict[str, Any]) -> str:
-    m = results["machine"]
-    lines = [
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, "
-        f"{m['threads']} threads (interop {m['interop_threads']}), device {results['device']}"
-        + (f" ({m['gpu']})" if "gpu" in m and results["device"].startswith("cuda") else ""),
+def _throughput_lines(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    lines += [
         "",
         "1. Throughput (LeNet-5 20-50-500 float32, real MNIST; images/s, medians of interleaved "
         "rounds)",
@@ -828,6 +856,11 @@ def format_table(results: dict[str, Any]) -> str:
             + (" (channels_last)" if len(ratios) > 1 else " (NCHW)")
         )
 
+    return lines
+
+
+def _peak_lines(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     p = results["peak"]
     keys = list(p["rows"][0]["gflops"])
     lines += [
@@ -880,6 +913,11 @@ def format_table(results: dict[str, Any]) -> str:
     for k, ops in p["profiles"].items():
         lines += profile_lines(k, "ms", ops, 7)
 
+    return lines
+
+
+def _hot_paths_lines(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     h = results["hot_paths"]
     lines += ["", "Profile of the learning steps and of the exact oracle: self time per call"]
     for k, ops in h.items():
@@ -892,6 +930,11 @@ def format_table(results: dict[str, Any]) -> str:
         )
         lines += profile_lines(f"{k}, {size}", "ms per call", ops, 5)
 
+    return lines
+
+
+def _memory_lines(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     mem = results["memory"]
     per = mem["per_image_bytes"]
     lines += [
@@ -925,6 +968,11 @@ def format_table(results: dict[str, Any]) -> str:
         extra = f"{latent_mib:,.1f}" if kind.startswith("max_sum") else ""
         lines.append(f"| {kind} | " + " | ".join(cells) + f" | {extra} |")
 
+    return lines
+
+
+def _scaling_lines(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     s = results["scaling"]
     lines += ["", f"4. max_sum cost growth (batch {s['batch']}, float32, random images)"]
     for title, rows in s.items():
@@ -943,6 +991,44 @@ def format_table(results: dict[str, Any]) -> str:
                 f"| {r['gflops']:.1f} | {r['channels_last_us_per_image']:,.1f} "
                 f"| {r['channels_last_gflops']:.1f} |"
             )
+    return lines
+
+
+def _imported_lines(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "5. Imported networks (to_drm of tests/zoo.py, float32, 224x224): max_sum against the "
+        "module's own forward",
+    ]
+    lines += [
+        "| network | batch | module ms | max_sum ms | max_sum speed / module speed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results["imported"]:
+        lines.append(
+            f"| {r['network']} | {r['batch']} | {r['module_seconds'] * 1e3:.1f} "
+            f"| {r['max_sum_seconds'] * 1e3:.1f} | {r['ratio']:.2f}x |"
+        )
+    return lines
+
+
+def format_table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, "
+        f"{m['threads']} threads (interop {m['interop_threads']}), device {results['device']}"
+        + (f" ({m['gpu']})" if "gpu" in m and results["device"].startswith("cuda") else ""),
+    ]
+    for name, section in (
+        ("throughput", _throughput_lines),
+        ("peak", _peak_lines),
+        ("hot_paths", _hot_paths_lines),
+        ("memory", _memory_lines),
+        ("scaling", _scaling_lines),
+        ("imported", _imported_lines),
+    ):
+        if name in results:
+            lines += section(results)
     lines += ["", f"(whole run: {results['seconds']:.0f} s)"]
     load = results.get("load", {})
     if load and all(load.values()):
@@ -963,6 +1049,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (inference)")
+    parser.add_argument("--zoo-batch", type=positive_int, default=16, help="imported networks")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=("throughput", "peak", "hot_paths", "memory", "scaling", "imported"),
+        default=None,
+        help="run these sections only",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--infer-batch", type=int, default=256)
     parser.add_argument("--train-batch", type=int, default=64, help="train.py's default")
@@ -1020,9 +1114,10 @@ def command(argv: list[str] | None) -> str:
     if arguments.json:
         text = json.dumps(outcome, indent=2)
         atomic_write(arguments.json, lambda tmp: tmp.write_text(text))
-        plot_scaling(
-            outcome["scaling"], arguments.json.with_name(arguments.json.stem + "_scaling.png")
-        )
+        if "scaling" in outcome:
+            plot_scaling(
+                outcome["scaling"], arguments.json.with_name(arguments.json.stem + "_scaling.png")
+            )
     return format_table(outcome)
 
 

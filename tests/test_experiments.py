@@ -86,6 +86,20 @@ def test_bench_all_flop_count_matches_torch_flop_counter(config: dict[str, objec
     assert counter.get_total_flops() == batch * flops_per_image(model)
 
 
+def test_bench_all_times_imported_networks_against_their_own_forward(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from experiments import bench_all
+
+    code = bench_all.cli(["--only", "imported", "--rounds", "1", "--warmup", "0",
+                          "--zoo-batch", "2", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("AlexNet-shaped", "VGG-11-BN-shaped"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
+        assert row.rstrip(" |").endswith("x") and float(row.split("|")[-2].strip()[:-1]) > 0
+
+
 def test_semisupervised_reports_a_diverged_run_by_its_last_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
