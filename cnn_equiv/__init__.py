@@ -9,6 +9,8 @@ References:
     Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
 """
 
+import importlib
+
 from cnn_equiv.cnn import CNNLatents, EquivalentCNN, record_latents
 from cnn_equiv.compare import ComparisonReport, compare_views
 from cnn_equiv.mapping import SUPPORTED_LAYERS, to_cnn, to_drm
@@ -25,3 +27,14 @@ __all__ = [
     "to_cnn",
     "to_drm",
 ]
+
+# The submodules are attributes of the package once asked for (`cnn_equiv.attacks` after
+# `import cnn_equiv`), imported on first use so that `import cnn_equiv` stays light (pyro is loaded
+# only by drm.pyro_model).
+SUBMODULES = ("attacks", "cnn", "compare", "mapping", "sgd", "tracing", "visualize")
+
+
+def __getattr__(name: str) -> object:
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

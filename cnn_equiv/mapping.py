@@ -1,6 +1,7 @@
 """The only place parameters cross between the two views: `to_cnn` and `to_drm`, side by side.
 
-Each formula cites its numbered equation in docs/equivalence.md. Every copy asserts its shape.
+Each formula cites its numbered equation in docs/equivalence.md. Every copy checks its shape
+against the one the layer's hyper-parameters (or the bound level's shapes) imply.
 
     DRM level                         torch layer                  equation
     Conv(W, b)                        Conv2d(weight=W, bias=b)     (10)
@@ -51,7 +52,8 @@ def _torch_layer(level: Level) -> nn.Module:
     if isinstance(level, Dense):
         # eq. (11): W^(l) and b^(l) are the Linear weight and bias; eq. (12): for the Classes
         # level, the class templates mu_c are the rows and the bias is log pi_c (its offset).
-        out_features, in_features = level.weight.shape
+        # the shape the bound level implies: (classes or units, features of its input)
+        out_features, in_features = level.spec.out_features, math.prod(level.in_shape)
         linear = nn.Linear(
             in_features, out_features, dtype=level.weight.dtype, device=level.weight.device
         )
@@ -72,7 +74,8 @@ def _torch_layer(level: Level) -> nn.Module:
             dtype=level.weight.dtype,
             device=level.weight.device,
         )
-        conv.weight.data = _copy(level.weight, conv.weight.shape, "Conv weight")
+        expected = (s.out_channels, level.in_shape[0] // s.groups, *s.kernel_size)
+        conv.weight.data = _copy(level.weight, expected, "Conv weight")
         assert conv.bias is not None
         conv.bias.data = _copy(level.bias, (s.out_channels,), "Conv bias")
         return conv
@@ -241,7 +244,11 @@ def to_drm(
             )
             level = Conv(
                 spec,
-                _copy(layer.weight, layer.weight.shape, f"{path}.weight"),
+                _copy(
+                    layer.weight,
+                    (layer.out_channels, layer.in_channels // layer.groups, *spec.kernel_size),
+                    f"{path}.weight",
+                ),  # fmt: skip
                 _copy(bias, (layer.out_channels,), f"{path}.bias"),
             )
         elif isinstance(layer, nn.Linear):
@@ -252,7 +259,7 @@ def to_drm(
             )
             level = Dense(
                 DenseSpec(layer.out_features),
-                _copy(layer.weight, layer.weight.shape, f"{path}.weight"),
+                _copy(layer.weight, (layer.out_features, layer.in_features), f"{path}.weight"),
                 _copy(bias, (layer.out_features,), f"{path}.bias"),
             )
         elif isinstance(layer, nn.ReLU):

@@ -17,6 +17,8 @@ References:
     Ho, Nguyen, Patel et al., Neural Rendering Model, arXiv:1811.02657 (2018).
 """
 
+import importlib
+
 from drm.checkpoint import load_model, save_model
 from drm.config import (
     AvgPoolSpec,
@@ -86,3 +88,29 @@ __all__ = [
     "save_model",
     "top_down",
 ]
+
+# The submodules are attributes of the package once asked for (`drm.checkpoint` after
+# `import drm`), imported on first use so that `import drm` stays light (pyro is loaded
+# only by drm.pyro_model).
+SUBMODULES = (
+    "checkpoint",
+    "config",
+    "data",
+    "distributed",
+    "em",
+    "inference",
+    "levels",
+    "model",
+    "pyro_model",
+    "reference",
+    "refine",
+    "semisupervised",
+    "shallow",
+    "shallow_em",
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -424,7 +424,6 @@ class GenerativeEM:
                 level.set_prior_on(prior_on)
                 summary[f"prior_on_level{i}"] = prior_on
             summary["reconstruction_mse"] = self._squared_residual / self._pixels
-            summary["sigma2_estimate"] = self._squared_residual / self._pixels
         self._reset_counts()
         return summary
 

@@ -53,6 +53,7 @@ def test_every_figure_is_a_png_referenced_by_the_page(
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_the_page_renders_in_headless_chromium(
     report: tuple[Path, dict[str, object]], tmp_path: Path
 ) -> None:
@@ -79,6 +80,7 @@ def test_the_page_renders_in_headless_chromium(
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_a_figure_wider_than_the_page_is_scaled_to_fit(tmp_path: Path) -> None:
     """A 16-column grid is ~2,200 px at its resolution: the page scales it to the column."""
     from experiments._html import Report
@@ -112,6 +114,7 @@ def test_a_torch_state_dict_is_loaded_safely(tmp_path: Path) -> None:
         compare_views.load_any(None, tmp_path / "bad.pt", data, tmp_path, True)
 
 
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_a_bad_model_path_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "experiments.compare_views", "--model", str(tmp_path / "nope"),

@@ -405,6 +405,7 @@ def relative_gap(a: Tensor, b: Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", list(TRAIN_ALGORITHMS))
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_two_processes_make_the_one_process_run(
     tmp_path: Path, two_process_runs: Callable[[str], Path], name: str
 ) -> None:
@@ -458,17 +459,17 @@ def assert_one_line(text: str, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_killed_rank_fails_the_run_and_resume_finishes_it(
     tmp_path: Path, two_process_runs: Callable[[str], Path]
 ) -> None:
     script = tmp_path / "fault.py"
     script.write_text(FAULT)
     out = tmp_path / "run"
-    start = time.monotonic()
+    # a rank's death ends the run well before the launch timeout (torchrun raises past it)
     done, ranks = torchrun(tmp_path, ["kill", *TRAIN_ALGORITHMS["sgd"], *ARGS, "--out", str(out)],
-                           script=str(script))  # fmt: skip
+                           script=str(script), timeout=LAUNCH_TIMEOUT / 2)  # fmt: skip
     assert done.returncode != 0
-    assert time.monotonic() - start < LAUNCH_TIMEOUT / 2
     assert ranks.get(1, "") == ""  # SIGKILL: no last words
     # the survivor saw the connection drop, or torchrun's SIGTERM first
     assert_one_line(ranks[0], "rank 0/2", "--resume")
@@ -490,15 +491,14 @@ def test_killed_rank_fails_the_run_and_resume_finishes_it(
     )
 
 
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_hung_rank_times_out_instead_of_hanging(tmp_path: Path) -> None:
     script = tmp_path / "fault.py"
     script.write_text(FAULT)
-    start = time.monotonic()
     argv = ["hang", *TRAIN_ALGORITHMS["dem"], *ARGS, "--out", str(tmp_path / "run"),
             "--dist-timeout", str(HANG_TIMEOUT)]  # fmt: skip
-    done, ranks = torchrun(tmp_path, argv, script=str(script), timeout=60)
+    done, ranks = torchrun(tmp_path, argv, script=str(script), timeout=60)  # raises if it hangs
     assert done.returncode != 0
-    assert time.monotonic() - start < 60
     assert_one_line(ranks[0], "rank 0/2", f"--dist-timeout {HANG_TIMEOUT}", "--resume")
     # torchrun then stops the hung rank with SIGTERM: one line too
     assert_one_line(ranks[1], "rank 1/2", "SIGTERM")
@@ -508,6 +508,7 @@ def test_hung_rank_times_out_instead_of_hanging(tmp_path: Path) -> None:
     "failure",
     [ValueError("bad data"), RuntimeError("Connection reset by peer"), train.Terminated(15)],
 )
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_a_failing_rank_ignores_later_sigterms(
     failure: BaseException, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -53,6 +53,7 @@ def test_demo_numbers_are_identities(capsys: pytest.CaptureFixture[str]) -> None
     assert math.isfinite(r["test_accuracy"])
 
 
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_bad_command_line_is_one_line_on_stderr() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "experiments.demo", "--sigma2", "-1"],

@@ -528,6 +528,7 @@ def test_any_flipped_bit_or_cut_is_reported(
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped-bit"])
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_corrupted_checkpoint_is_one_line(tmp_path: Path, how: str) -> None:
     """The real command (python -m): one line on stderr, no traceback."""
     run(tmp_path, epochs=1)
@@ -631,12 +632,13 @@ def launch(argv: list[str]) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.parametrize("moment", ["at-start", "first-checkpoint"])
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_sigkill_then_resume(tmp_path: Path, reference: Path, moment: str) -> None:
     out = tmp_path / "run"
     process = launch(["-m", "experiments.train", *KILL_ARGS, "--out", str(out)])
     try:
-        if moment == "at-start":
-            time.sleep(0.2)  # still importing torch, or just started
+        if moment == "at-start":  # the run has claimed DIR, long before its first checkpoint
+            wait_for(out.exists, process)
         else:  # a moment right after the first checkpoint lands: while the others are written
             wait_for((out / "model.safetensors").exists, process)
     finally:
@@ -652,6 +654,7 @@ def test_sigkill_then_resume(tmp_path: Path, reference: Path, moment: str) -> No
         ("metrics.json", 2),  # after the first checkpoint, before its metrics
     ],
 )
+@pytest.mark.slow  # a subprocess (torchrun, a killed run, a browser)
 def test_sigkill_during_a_write_then_resume(
     tmp_path: Path, reference: Path, name: str, nth: int
 ) -> None:
