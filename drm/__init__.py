@@ -36,15 +36,14 @@ from drm.levels import AvgPool, Classes, Conv, Dense, Flatten, Level, MaxPool, S
 from drm.model import (
     DeepRenderingModel,
     Latents,
-    Sample,
     log_joint,
     logit_offset,
     render,
     rendering_terms,
-    sample,
     top_down,
 )
 from drm.reference import exact_map, num_configurations
+from drm.sampling import Sample, sample
 from drm.semisupervised import LossWeights, SemiSupervisedEM
 from drm.shallow import ShallowRenderingModel
 from drm.shallow_em import ShallowEM
@@ -104,6 +103,7 @@ SUBMODULES = (
     "pyro_model",
     "reference",
     "refine",
+    "sampling",
     "semisupervised",
     "shallow",
     "shallow_em",

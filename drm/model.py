@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -424,79 +423,11 @@ def logit_offset(model: DeepRenderingModel, x: Tensor) -> Tensor:
     )
 
 
-# --- sampling ----------------------------------------------------------------------------------
-
-
-class Sample(NamedTuple):
-    """Draws from the model: images (n, C0, H, W), classes (n,), latents of n images."""
-
-    x: Tensor
-    classes: Tensor
-    latents: Latents
-
-
-def sample_factorized_latents(
-    model: DeepRenderingModel, n: int, generator: torch.Generator | None = None
-) -> Latents:
-    """Latents from the factorized prior: a ~ Bernoulli(prior_on), t uniform over its window."""
-    latents: list[Tensor | None] = []
-    for level in model.levels:
-        if isinstance(level, Switch):
-            probs = torch.full((n, *level.in_shape), level.spec.prior_on, dtype=torch.float64)
-            latents.append(torch.bernoulli(probs, generator=generator).bool().to(model.device))
-        elif level.has_latent:
-            counts = level.latent_counts().to(torch.float64)  # (U,)
-            uniform = torch.rand(n, counts.shape[0], generator=generator, dtype=torch.float64)
-            digits = (uniform * counts).long().clamp_max(counts.long() - 1)
-            latents.append(level.latent_from_digits(digits.to(model.device)))
-        else:
-            latents.append(None)
-    return tuple(latents)
-
-
-def sample(
-    model: DeepRenderingModel,
-    n: int,
-    prior: str = "factorized",
-    generator: torch.Generator | None = None,
-    max_configurations: int = 1_000_000,
-) -> Sample:
-    """Ancestral sampling of (c, z, x): x = mu(c, z) + eps, eps ~ N(0, sigma^2 I).
-
-    Args:
-        n: number of draws.
-        prior: "factorized" (the 2015 paper's generative prior: c ~ pi, each switch ON with its
-            level's prior_on, each translation uniform over its window; its MAP is NOT a CNN) or
-            "cnn" (the CNN prior of eq. 4, whose MAP is the CNN; exact sampling by enumeration,
-            so tiny models only, at most `max_configurations` latent configurations).
-        generator: a CPU torch.Generator for reproducible draws.
-    """
-    with torch.no_grad():
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if prior == "factorized":
-            probs = model.class_log_prior.exp().to("cpu", torch.float64)
-            classes = torch.multinomial(probs, n, replacement=True, generator=generator)
-            classes = classes.to(model.device)
-            latents = sample_factorized_latents(model, n, generator)
-        elif prior == "cnn":
-            from drm.reference import sample_cnn_prior
-
-            classes, latents = sample_cnn_prior(model, n, generator, max_configurations)
-        else:
-            raise ValueError(f"prior must be 'factorized' or 'cnn', got {prior!r}")
-        mu = render(model, classes, latents)
-        noise = torch.randn(mu.shape, generator=generator, dtype=torch.float64)
-        x = mu + model.sigma2.sqrt() * noise.to(mu.device, mu.dtype)
-        return Sample(x, classes, latents)
-
-
 __all__ = [
     "AvgPool",
     "DeepRenderingModel",
     "Latents",
     "MaxPool",
-    "Sample",
     "check_classes",
     "check_images",
     "check_latents",
@@ -508,6 +439,5 @@ __all__ = [
     "logit_offset",
     "render",
     "rendering_terms",
-    "sample",
     "top_down",
 ]

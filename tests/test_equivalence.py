@@ -16,7 +16,7 @@ from torch import nn
 
 import drm
 from cnn_equiv import record_latents, to_cnn
-from drm.model import sample_factorized_latents
+from drm.sampling import sample_factorized_latents
 from tests.architectures import ARCHITECTURES, build, images
 
 IDENTITY_TOL = 1e-10  # float64 identities; observed errors are ~1e-13 (logits ~ 1e1)
