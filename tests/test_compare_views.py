@@ -30,6 +30,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, ob
     return out, result
 
 
+@pytest.mark.slow  # a whole script or report at smoke size
 def test_every_figure_is_a_png_referenced_by_the_page(
     report: tuple[Path, dict[str, object]],
 ) -> None:
@@ -125,6 +126,7 @@ def test_a_bad_model_path_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # a whole script or report at smoke size
 def test_a_second_model_is_rendered_beside_the_first(tmp_path: Path) -> None:
     """--compare-model: both models' renderings and statistics, on the same images."""
     import drm
@@ -155,6 +157,7 @@ def test_a_second_model_is_rendered_beside_the_first(tmp_path: Path) -> None:
         assert numbers[f"accuracy {flag}"] == pytest.approx(accuracy)
 
 
+@pytest.mark.slow  # a whole script or report at smoke size
 def test_the_report_uses_the_data_of_the_run(tmp_path: Path) -> None:
     """A model trained on a user's .npz is reported on that .npz (not MNIST), at its own size;
     changed data and data of another shape are refused in one line."""

@@ -30,6 +30,7 @@ def test_script_has_main_and_smoke_flag(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.slow  # a whole script or report at smoke size
 def test_script_runs_at_smoke_size(name: str) -> None:
     module = importlib.import_module(f"experiments.{name}")
     result = module.main(module.parse_args(["--smoke"]))
