@@ -269,9 +269,16 @@ class SemiSupervisedEM:
         reduce: Reduce | None = None,
         max_shift: int = 2,
         seed: int = 0,
+        balance_target: str = "prior",
     ) -> None:
         if not isinstance(max_shift, int) or max_shift < 1:
             raise ValueError(f"max_shift must be an int >= 1, got {max_shift!r}")
+        if balance_target not in ("prior", "uniform"):
+            raise ValueError(f"balance_target must be 'prior' or 'uniform', got {balance_target!r}")
+        # the class_balance term's target: the model's (learned) class prior pi, or the uniform
+        # distribution (the class frequencies of a balanced labelled subset), which a prior
+        # drifting toward one class cannot follow
+        self.balance_target = balance_target
         self.model = model
         self.max_shift = max_shift
         self.seed = seed
@@ -339,7 +346,10 @@ class SemiSupervisedEM:
             mine = posterior_sum.detach()
             others = self.reduce(mine.clone()) - mine
         mean_posterior = (posterior_sum + others) / max(images, 1)
-        balance = class_balance_term(mean_posterior, model.class_log_prior.detach())
+        target = model.class_log_prior.detach()
+        if self.balance_target == "uniform":
+            target = torch.full_like(target, -math.log(model.num_classes))
+        balance = class_balance_term(mean_posterior, target)
         # The rendering terms are always reported; their graph is built only when one of them
         # is weighted (the top-down pass and its backward are most of a step's extra cost).
         grad = torch.is_grad_enabled()

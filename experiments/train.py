@@ -161,6 +161,7 @@ ESSENTIAL = (
     "labels",
     "labelled_batch_size",
     "consistency_shift",
+    "class_balance_target",
     *(f"{term}_weight" for term in TERMS),
 )
 # Per-algorithm defaults of the settings given as None on the command line.
@@ -383,6 +384,7 @@ def build_trainer(args: argparse.Namespace, model: Any) -> Trainer:
             reduce=reduce,
             max_shift=args.consistency_shift,
             seed=args.seed,
+            balance_target=args.class_balance_target or "prior",
         )
     if shallow:
         return ShallowEM(model, hard=args.hard, supervised=not args.unsupervised, reduce=reduce)
@@ -1133,6 +1135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"ssl: the consistency term's largest translation in pixels (default "
         f"{DEFAULTS['ssl']['consistency_shift']})",
     )
+    parser.add_argument(
+        "--class-balance-target",
+        choices=("prior", "uniform"),
+        default=None,
+        help="ssl: what the class_balance term pulls the batch's mean posterior toward: the "
+        "model's learned class prior (default) or the uniform distribution",
+    )
     for term, weight in SSL_WEIGHTS.items():
         parser.add_argument(
             f"--{term.replace('_', '-')}-weight",
@@ -1205,7 +1214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smoke", action="store_true", help="digits, 256 images, 1 epoch (for the tests)"
     )
     args = parser.parse_args(argv)
-    ssl_only = ["labelled_batch_size", "consistency_shift", *(f"{term}_weight" for term in TERMS)]
+    ssl_only = ["labelled_batch_size", "consistency_shift", "class_balance_target",
+                *(f"{term}_weight" for term in TERMS)]  # fmt: skip
     if args.algo != "ssl" and any(getattr(args, name) is not None for name in ssl_only):
         given = [name for name in ssl_only if getattr(args, name) is not None]
         parser.error(f"--{given[0].replace('_', '-')} applies to --algo ssl")

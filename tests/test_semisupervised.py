@@ -325,11 +325,15 @@ def test_inference_gap_bound_is_positive_somewhere() -> None:
     assert float(torch.cat(gaps).max()) > 1e-3
 
 
-def test_class_balance_gradient_reaches_every_image_of_the_batch() -> None:
-    """The batch term's gradient is that of KL(mean posterior || pi), by autograd on a formula."""
+@pytest.mark.parametrize("target", ["prior", "uniform"])
+def test_class_balance_gradient_reaches_every_image_of_the_batch(target: str) -> None:
+    """The batch term's gradient is that of KL(mean posterior || target), target the learned
+    class prior pi or uniform, by autograd on a formula."""
     model = build(ARCHITECTURES["leaky"], seed=21)
+    with torch.no_grad():  # a prior far from uniform, so that the two targets differ
+        model.levels[-1].bias.copy_(torch.linspace(-1.0, 1.0, model.num_classes))
     weights = only(class_balance=1.0)
-    trainer = SemiSupervisedEM(model, weights)
+    trainer = SemiSupervisedEM(model, weights, balance_target=target)
     x = images(model, 5, seed=22)
     y = torch.full((5,), UNLABELLED)
     values, loss = trainer.terms(x, y)
@@ -337,6 +341,8 @@ def test_class_balance_gradient_reaches_every_image_of_the_batch() -> None:
     scores, _ = drm.max_sum(model, x)
     q = F.softmax(scores, 1).mean(0)
     pi = model.class_log_prior.detach().exp()
+    if target == "uniform":
+        pi = torch.full_like(pi, 1.0 / model.num_classes)
     kl = (q * (q / pi).log()).sum()
     balance = float(values["class_balance"].detach())
     assert balance == pytest.approx(float(kl.detach()), rel=IDENTITY_TOL)

@@ -355,6 +355,19 @@ def test_ssl_options_apply_to_ssl_only(capsys: pytest.CaptureFixture[str]) -> No
         assert "applies to --algo ssl" in capsys.readouterr().err
     args = train.parse_args(["--smoke", "--algo", "ssl", "--entropy-weight", "0.5"])
     assert args.entropy_weight == 0.5 and args.reconstruction_weight == SSL_WEIGHTS.reconstruction
+    with pytest.raises(SystemExit):
+        train.parse_args(["--smoke", "--algo", "sgd", "--class-balance-target", "uniform"])
+    assert "applies to --algo ssl" in capsys.readouterr().err
+
+
+def test_the_class_balance_target_reaches_the_trainer_and_binds_the_run(tmp_path: Path) -> None:
+    argv = ["--algo", "ssl", "--labels", "50", "--class-balance-target", "uniform"]
+    run(tmp_path, *argv, epochs=1)
+    args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
+    model = load_checkpoint(tmp_path / train.CHECKPOINT).model
+    assert train.build_trainer(args, model).balance_target == "uniform"
+    with pytest.raises(train.RunError, match="--class-balance-target 'uniform' .stored."):
+        run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
 
 
 # --- one-line errors -------------------------------------------------------------------------
