@@ -36,7 +36,21 @@ class MnistExampleNet(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
-class AlexNetShaped(nn.Module):
+class _TorchvisionShaped(nn.Module):
+    """torchvision's forward: features, avgpool, torch.flatten, classifier."""
+
+    features: nn.Sequential
+    avgpool: nn.Module
+    classifier: nn.Sequential
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+class AlexNetShaped(_TorchvisionShaped):
     """torchvision.models.AlexNet's structure, channels 64/192/384/256/256 -> 8/16/24/16/16."""
 
     def __init__(self, num_classes: int = 10, pool: int = 6) -> None:
@@ -67,17 +81,11 @@ class AlexNetShaped(nn.Module):
             nn.Linear(64, num_classes),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
-
 
 VGG11 = [4, "M", 8, "M", 16, 16, "M", 32, 32, "M", 32, 32, "M"]  # torchvision's "A", / 16
 
 
-class VGGShaped(nn.Module):
+class VGGShaped(_TorchvisionShaped):
     """torchvision.models.VGG's structure (make_layers of config "A"), 16x fewer channels."""
 
     def __init__(self, batch_norm: bool, pool: int = 7, num_classes: int = 10) -> None:
@@ -104,9 +112,3 @@ class VGGShaped(nn.Module):
             nn.Dropout(p=0.5),
             nn.Linear(64, num_classes),
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
