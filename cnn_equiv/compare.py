@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from cnn_equiv.cnn import record_latents
 from cnn_equiv.mapping import to_cnn
 from drm.inference import max_sum
-from drm.levels import MaxPool, Switch
 from drm.model import DeepRenderingModel, check_images, logit_offset
 from drm.reference import DEFAULT_MAX_CONFIGURATIONS, exact_map, num_configurations
 
@@ -129,8 +128,9 @@ def compare_views(
         scores, latents = max_sum(model, x)
     difference = (seen.logits.to(scores.dtype) - scores).detach()
     shift = float(difference.mean())
-    switches = [z for lv, z in zip(model.levels, latents, strict=True) if isinstance(lv, Switch)]
-    pools = [z for lv, z in zip(model.levels, latents, strict=True) if isinstance(lv, MaxPool)]
+    kinds = [level.latent_kind for level in model.levels]
+    switches = [z for kind, z in zip(kinds, latents, strict=True) if kind == "switch"]
+    pools = [z for kind, z in zip(kinds, latents, strict=True) if kind == "translation"]
     total = num_configurations(model)
     gap = None
     if exact if exact is not None else total <= max_configurations:

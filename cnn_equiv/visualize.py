@@ -65,13 +65,6 @@ from cnn_equiv.cnn import input_shape_of, iter_layers
 from drm.inference import latents_or_max_sum, max_sum
 from drm.levels import (
     SWITCH_RULES,
-    AvgPool,
-    Conv,
-    Dense,
-    Flatten,
-    Level,
-    MaxPool,
-    Switch,
     SwitchRule,
 )
 from drm.model import (
@@ -112,10 +105,16 @@ def _check_model(model: object) -> DeepRenderingModel:
     return model
 
 
+def _check_int(value: object) -> int:
+    """`value` as a level index, an int (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"level_index must be an int, got {type(value).__name__}")
+    return value
+
+
 def _check_level_index(model: DeepRenderingModel, level_index: object) -> int:
     """A level index in [-1, len(levels)): -1 is the image itself."""
-    if isinstance(level_index, bool) or not isinstance(level_index, int):
-        raise TypeError(f"level_index must be an int, got {type(level_index).__name__}")
+    level_index = _check_int(level_index)
     if not -1 <= level_index < len(model.levels):
         raise ValueError(
             f"level_index must lie in [-1, {len(model.levels)}) (-1 is the image), "
@@ -439,21 +438,13 @@ class MapRendering(NamedTuple):
 
 
 def default_latents(model: DeepRenderingModel, batch: int) -> Latents:
-    """Every switch ON and every pooled unit on the first cell of its window: `batch` images."""
+    """Every level's `default_latent` (every switch ON, every pooled unit on the first cell of
+    its window) for `batch` images."""
     model = _check_model(model)
-    latents: list[Tensor | None] = []
-    for level in model.levels:
-        if isinstance(level, Switch):
-            latents.append(
-                torch.ones(batch, *level.in_shape, dtype=torch.bool, device=model.device)
-            )
-        elif level.has_latent:
-            counts = level.latent_counts()
-            digits = torch.zeros(batch, counts.shape[0], dtype=torch.long, device=model.device)
-            latents.append(level.latent_from_digits(digits))  # digit 0: first valid cell
-        else:
-            latents.append(None)
-    return tuple(latents)
+    return tuple(
+        level.default_latent(batch, model.device) if level.has_latent else None
+        for level in model.levels
+    )
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:
@@ -531,20 +522,6 @@ def map_rendering(
 # --- 3. individual units: receptive fields, top patches, templates ------------------------------
 
 
-def _window(level: Level) -> tuple[tuple[int, int], ...] | None:
-    """(kernel, stride, padding, dilation) pairs of a sliding-window level, else None."""
-    if isinstance(level, Conv):
-        s = level.spec
-        return s.kernel_size, s.stride, s.padding, s.dilation
-    if isinstance(level, MaxPool):
-        p = level.spec
-        return p.kernel_size, p.stride_pair, p.padding, p.dilation
-    if isinstance(level, AvgPool):
-        a = level.spec
-        return a.kernel_size, a.stride_pair, a.padding, (1, 1)
-    return None
-
-
 def _check_units(model: DeepRenderingModel, level_index: int, units: object) -> Tensor:
     """(K,) int64 flat unit indices into level `level_index`'s per-image output."""
     if not isinstance(units, Tensor):
@@ -599,20 +576,25 @@ def receptive_field(
         flat = units
     for j in range(level_index, -1, -1):
         level = model.levels[j]
-        if isinstance(level, Dense):  # Classes included: every pixel reaches every unit
+        rule = level.field_rule
+        if rule == "dense":  # the class level too: every pixel reaches every unit
             return whole.clone()
-        if isinstance(level, Flatten):
+        if rule == "flatten":
             assert flat is not None
             _, h_in, w_in = level.in_shape
             hw = flat % (h_in * w_in)
             rows, cols = hw // w_in, hw % w_in
             box, flat = torch.stack([rows, cols, rows, cols], 1), None
             continue
-        window = _window(level)
-        if window is None:
-            continue  # switches (and any other pointwise level) keep the window
+        if rule == "pointwise":
+            continue  # switches keep the window
+        if rule != "window":
+            raise TypeError(
+                f"levels[{j}] ({type(level).__name__}) has no receptive-field rule: set its "
+                "field_rule (drm/levels.py)"
+            )
         assert box is not None
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = window
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = level.window()
         step = box.new_tensor([sh, sw, sh, sw])
         shift = box.new_tensor([-ph, -pw, -ph + dh * (kh - 1), -pw + dw * (kw - 1)])
         box = box * step + shift
@@ -627,22 +609,7 @@ def _spread_down(model: DeepRenderingModel, g: Tensor, level_index: int) -> Tens
     switch is ON and a pooled unit renders onto every valid cell of its window.
     """
     for j in range(level_index, -1, -1):
-        level = model.levels[j]
-        if isinstance(level, (Conv, Dense)):
-            g = level.render_with_templates(g, torch.ones_like(level.weight))
-        elif isinstance(level, MaxPool):
-            batch, channels = g.shape[:2]
-            cells = level.window_cells.to(g.device)  # (P, k), -1 outside the image
-            valid = (cells >= 0).to(g.dtype)
-            src = g.flatten(2)[..., None] * valid  # (B, C, P, k)
-            index = cells.clamp_min(0).expand(batch, channels, *cells.shape)
-            out = g.new_zeros(batch, channels, math.prod(level.in_shape[1:]))
-            out.scatter_add_(2, index.flatten(2), src.flatten(2))
-            g = out.view(batch, *level.in_shape)
-        elif isinstance(level, (AvgPool, Flatten)):
-            g = level.top_down(g, None)
-        elif not isinstance(level, Switch):
-            raise TypeError(f"no support rule for level {type(level).__name__}")
+        g = model.levels[j].spread_down(g)
         g = (g > 0).to(g.dtype)  # keep an indicator: bounded however deep the model is
     return g
 
@@ -903,8 +870,7 @@ def invert_by_optimization(
             return bottom_up_to(model, x, level_index)
 
     elif isinstance(net, nn.Module):
-        if isinstance(level_index, bool) or not isinstance(level_index, int):
-            raise TypeError(f"level_index must be an int, got {type(level_index).__name__}")
+        level_index = _check_int(level_index)
         dims = _cnn_input_shape(net, shape)
         dtype, device = dtype_device(net)
         cnn = net

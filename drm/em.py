@@ -55,7 +55,6 @@ from torch import Tensor, nn
 
 from drm.distributed import Reduce, reduce_together
 from drm.inference import max_sum, propagate_up
-from drm.levels import Conv, Dense, Switch
 from drm.model import DeepRenderingModel, Latents, check_classes, check_images, propagate_down
 from drm.refine import refine_latents
 from drm.shallow import ShallowRenderingModel
@@ -292,9 +291,15 @@ class GenerativeEM:
         self.step_size = step_size
         # template levels, coarse to fine
         self.template_levels = [
+            i for i in reversed(range(len(model.levels))) if model.levels[i].has_templates
+        ]
+        # the latent levels whose prior is learned (each level says what it counts; a level
+        # kind that cannot say is refused here, not skipped)
+        self.prior_levels = [
             i
-            for i in reversed(range(len(model.levels)))
-            if isinstance(model.levels[i], (Dense, Conv))
+            for i in model.latent_levels
+            if model.levels[i].prior_statistics(model.levels[i].default_latent(1, model.device))
+            is not None
         ]
         count = len(self.template_levels)
         if levels_per_step is not None and not 1 <= levels_per_step <= count:
@@ -306,9 +311,14 @@ class GenerativeEM:
 
     def _reset_counts(self) -> None:
         self._class_counts = torch.zeros(self.model.num_classes, dtype=torch.float64)
-        self._on_counts = {i: 0.0 for i in self.model.latent_levels
-                           if isinstance(self.model.levels[i], Switch)}  # fmt: skip
-        self._unit_counts = dict.fromkeys(self._on_counts, 0.0)
+        # level index -> the epoch's summed prior statistics, from zero (every process holds
+        # every level's, so that the sum over processes lines up)
+        self._prior_statistics: dict[int, Tensor] = {}
+        for i in self.prior_levels:
+            level = self.model.levels[i]
+            statistics = level.prior_statistics(level.default_latent(0, self.model.device))
+            assert statistics is not None
+            self._prior_statistics[i] = statistics
         self._squared_residual = 0.0
         self._pixels = 0
 
@@ -332,7 +342,6 @@ class GenerativeEM:
         """The conjugate-gradient least-squares templates of level `index` for this batch."""
         model = self.model
         level = model.levels[index]
-        assert isinstance(level, (Conv, Dense))
         with torch.no_grad():  # the top-down signal at the level's output, fixed
             arriving = propagate_down(model, y, latents, stop=index + 1)[0]
 
@@ -353,13 +362,13 @@ class GenerativeEM:
         # adjoint: the gradient of <L w, x / sigma^2> - |L w|^2 / 2 at w = W (b alone would cost
         # the same, and A W as much again).
         with torch.enable_grad():
-            w = level.weight.detach().clone().requires_grad_()
+            w = level.templates.detach().clone().requires_grad_()
             h = render(w)
             (residual,) = torch.autograd.grad((h * (x / model.sigma2 - 0.5 * h)).sum(), w)
         if self.reduce is not None:  # sums over every process's images
             residual = self.reduce(residual)
         return conjugate_gradient(
-            gram, None, level.weight.detach(), self.cg_iterations, residual=residual
+            gram, None, level.templates.detach(), self.cg_iterations, residual=residual
         )
 
     def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
@@ -374,38 +383,34 @@ class GenerativeEM:
                 index = self.template_levels[self._cursor % len(self.template_levels)]
                 self._cursor += 1
                 solution = self.solve_level(index, x, y, latents)
-                level = model.levels[index]
-                assert isinstance(level, (Conv, Dense))
-                level.weight.add_(self.step_size * (solution - level.weight))
+                templates = model.levels[index].templates
+                templates.add_(self.step_size * (solution - templates))
             residual = float(self.level_objective(x, y, latents))
             self._squared_residual += residual
             self._pixels += x.numel()
             self._class_counts += torch.bincount(y.cpu(), minlength=model.num_classes)
-            for i in self._on_counts:
-                on = latents[i]
-                assert on is not None
-                self._on_counts[i] += float(on.sum())
-                self._unit_counts[i] += on.numel()
+            for i in self.prior_levels:
+                latent = latents[i]
+                assert latent is not None
+                statistics = model.levels[i].prior_statistics(latent)
+                assert statistics is not None
+                self._prior_statistics[i] = self._prior_statistics[i] + statistics
         return residual / x.numel() if x.numel() else 0.0
 
     def _sum_counts(self) -> None:
         """Sum the epoch's counts and residuals over the processes (one collective)."""
         if self.reduce is None:
             return
-        levels = list(self._on_counts)
-        scalars = torch.tensor(
-            [self._on_counts[i] for i in levels]
-            + [self._unit_counts[i] for i in levels]
-            + [self._squared_residual, float(self._pixels)],
-            dtype=torch.float64,
+        levels = list(self._prior_statistics)
+        scalars = torch.tensor([self._squared_residual, float(self._pixels)], dtype=torch.float64)
+        summed = reduce_together(
+            [self._class_counts, scalars, *(self._prior_statistics[i] for i in levels)],
+            self.reduce,
         )
-        class_counts, scalars = reduce_together([self._class_counts, scalars], self.reduce)
-        self._class_counts = class_counts.clone()
-        values = scalars.tolist()
-        self._on_counts = dict(zip(levels, values[: len(levels)], strict=True))
-        self._unit_counts = dict(zip(levels, values[len(levels) : 2 * len(levels)], strict=True))
-        self._squared_residual = values[-2]
-        self._pixels = round(values[-1])
+        self._class_counts = summed[0].clone()
+        self._squared_residual, pixels = summed[1].tolist()
+        self._pixels = round(pixels)
+        self._prior_statistics = {i: t.clone() for i, t in zip(levels, summed[2:], strict=True)}
 
     def end_epoch(self) -> dict[str, float]:
         model = self.model
@@ -417,12 +422,9 @@ class GenerativeEM:
                     self._class_counts.sum() + len(self._class_counts)
                 )  # add-one smoothing: no class gets probability 0
                 model.classes.bias.copy_(frequencies.log().to(model.dtype))
-            for i, on in self._on_counts.items():
-                level = model.levels[i]
-                assert isinstance(level, Switch)
-                prior_on = min(max(on / self._unit_counts[i], 1e-6), 1 - 1e-6)
-                level.set_prior_on(prior_on)
-                summary[f"prior_on_level{i}"] = prior_on
+            for i, statistics in self._prior_statistics.items():
+                for name, value in model.levels[i].learn_prior(statistics).items():
+                    summary[f"{name}_level{i}"] = value
             summary["reconstruction_mse"] = self._squared_residual / self._pixels
         self._reset_counts()
         return summary

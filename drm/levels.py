@@ -20,6 +20,19 @@ torch's `max_pool2d(return_indices=True)` returns). Enumeration (`drm.exact_map`
 the Pyro program address a latent through `latent_counts` (states per unit) and
 `latent_from_digits` (unit states -> latent tensor), so a new kind of latent touches one class.
 
+Everything the rest of the library asks about a level, the level answers itself (nothing outside
+this module and `cnn_equiv.mapping` tests a level's type):
+  * `has_templates`, `templates`, `render_with_templates`: whether generative EM solves for its
+    templates, and the rendering with other templates in their place;
+  * `best_latent`: its best latent given its input and the signal from above (the refinement's
+    coordinate step); `default_latent`, `sample_latent`: its latent with every unit in its first
+    state, and a draw from its factorized prior; `prior_statistics` and `learn_prior`: what
+    generative EM counts to learn that prior;
+  * `exactness_violations`: what breaks E3's sufficient condition (non-negative top-down signals);
+  * `field_rule`, `window`, `spread_down`: how a unit's receptive field grows through the level.
+A level kind that lacks an answer raises NotImplementedError naming the method, so a new kind is
+refused where it is not yet supported, never silently skipped.
+
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Theory of Deep Learning, arXiv:1504.00641 (2015).
     Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
@@ -66,10 +79,21 @@ def _pooled_size(size: int, kernel: int, stride: int, pad: int, dilation: int, c
     return out
 
 
+# How a unit's receptive field grows through a level, walking down (`cnn_equiv.visualize`):
+# "pointwise" keeps it, "window" widens it by the level's sliding `window`, "dense" makes it the
+# whole image, "flatten" turns a flat unit back into its (channel, row, column).
+FieldRule = Literal["pointwise", "window", "dense", "flatten"]
+Window = tuple[Pair, Pair, Pair, Pair]  # kernel, stride, padding, dilation
+
+
 class Level(nn.Module):
     """Base class: one level of the rendering model, bound to a fixed per-image input shape."""
 
     has_latent: bool = False
+    has_templates: bool = False
+    # the name of the level's kind of latent ("switch", "translation"); None without a latent
+    latent_kind: str | None = None
+    field_rule: FieldRule | None = None
     in_shape: Shape
     out_shape: Shape
 
@@ -131,7 +155,83 @@ class Level(nn.Module):
         """<b, g> per image for the level's bias b (zero for levels without one): (B,)."""
         return g.new_zeros(g.shape[0])
 
+    def prior_units(self, g: Tensor) -> Tensor:
+        """b * g unit by unit, the terms of `prior_term` (zero without a bias): g's shape."""
+        return torch.zeros_like(g)
+
+    def _missing(self, method: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"the level kind {type(self).__name__} does not implement {method}, which this "
+            "operation needs (see drm/levels.py: a level answers for itself)"
+        )
+
+    # --- templates: levels with has_templates = True implement these ----------------------------
+
+    @property
+    def templates(self) -> nn.Parameter:
+        """The level's templates W (levels with has_templates only)."""
+        raise TypeError(f"{type(self).__name__} has no templates")
+
+    def render_with_templates(self, g: Tensor, weight: Tensor) -> Tensor:
+        """The rendering with templates `weight` in place of W: linear in both g and weight."""
+        raise TypeError(f"{type(self).__name__} has no templates")
+
+    def exactness_violations(self) -> list[str]:
+        """What, in this level, breaks E3's sufficient condition for max-sum to be the exact MAP.
+
+        The level must pass a non-negative top-down signal on as a non-negative one for every
+        latent state (checked only for the levels above the first latent level).
+        """
+        raise self._missing("exactness_violations")
+
+    # --- receptive fields ---------------------------------------------------------------------
+
+    def window(self) -> Window:
+        """(kernel, stride, padding, dilation) of a level with field_rule "window"."""
+        raise self._missing("window")
+
+    def spread_down(self, g: Tensor) -> Tensor:
+        """A non-negative signal rendered onto every input cell some latent state reaches.
+
+        (B, *out_shape) -> (B, *in_shape); zero exactly where no configuration renders.
+        """
+        raise self._missing("spread_down")
+
     # --- latents: only levels with has_latent = True implement these ---------------------------
+
+    def best_latent(self, y: Tensor, h: Tensor) -> Tensor:
+        """argmax over the level's latent of <h, F(y; z)>, unit by unit.
+
+        Args:
+            y: (B, *in_shape) the level's bottom-up input.
+            h: (B, *out_shape) the top-down signal at its output.
+        """
+        raise self._missing("best_latent")
+
+    def default_latent(self, batch: int, device: torch.device) -> Tensor:
+        """Every unit in its first state (digit 0): the latent of `batch` images."""
+        counts = self.latent_counts()
+        digits = torch.zeros(batch, counts.shape[0], dtype=torch.long, device=device)
+        return self.latent_from_digits(digits)
+
+    def sample_latent(
+        self, n: int, generator: torch.Generator | None, device: torch.device
+    ) -> Tensor:
+        """n draws from the factorized prior; here uniform over each unit's states."""
+        counts = self.latent_counts().to(torch.float64)  # (U,)
+        uniform = torch.rand(n, counts.shape[0], generator=generator, dtype=torch.float64)
+        digits = (uniform * counts).long().clamp_max(counts.long() - 1)
+        return self.latent_from_digits(digits.to(device))
+
+    def prior_statistics(self, latent: Tensor) -> Tensor | None:
+        """The counts from which generative EM learns this level's prior, a float64 CPU tensor
+        summed over batches and processes (zero for a latent of 0 images); None for a prior
+        that is fixed."""
+        raise self._missing("prior_statistics")
+
+    def learn_prior(self, statistics: Tensor) -> dict[str, float]:
+        """Set the prior from an epoch's summed `prior_statistics`; returns what it set."""
+        raise self._missing("learn_prior")
 
     def latent_counts(self) -> Tensor:
         """Number of states of each latent unit: (U,) int64, U = number of latent units."""
@@ -153,6 +253,10 @@ class Level(nn.Module):
 class Conv(Level):
     """Convolutional templates: bottom-up conv2d + bias, top-down conv_transpose2d."""
 
+    has_templates = True
+    field_rule = "window"
+    template_name = "templates"
+
     def __init__(self, spec: ConvSpec, weight: Tensor, bias: Tensor) -> None:
         super().__init__()
         kh, kw = spec.kernel_size
@@ -171,6 +275,14 @@ class Conv(Level):
     @property
     def spec(self) -> ConvSpec:
         return self._spec
+
+    @property
+    def templates(self) -> nn.Parameter:
+        return self.weight
+
+    def exactness_violations(self) -> list[str]:
+        count = int((self.weight < 0).sum())
+        return [f"{count} negative {self.template_name}"] if count else []
 
     def _output_shape(self, in_shape: Shape) -> Shape:
         s = self._spec
@@ -216,9 +328,23 @@ class Conv(Level):
     def prior_term(self, g: Tensor) -> Tensor:
         return torch.einsum("bchw,c->b", g, self.bias)
 
+    def prior_units(self, g: Tensor) -> Tensor:
+        return g * self.bias[:, None, None]
+
+    def window(self) -> Window:
+        s = self._spec
+        return s.kernel_size, s.stride, s.padding, s.dilation
+
+    def spread_down(self, g: Tensor) -> Tensor:
+        return self.render_with_templates(g, torch.ones_like(self.weight))
+
 
 class Dense(Level):
     """Fully connected templates: bottom-up linear + bias, top-down multiplication by W."""
+
+    has_templates = True
+    field_rule = "dense"  # every input unit reaches every output unit
+    template_name = "templates"
 
     def __init__(self, spec: DenseSpec, weight: Tensor, bias: Tensor) -> None:
         super().__init__()
@@ -236,6 +362,14 @@ class Dense(Level):
     @property
     def spec(self) -> DenseSpec:
         return self._spec
+
+    @property
+    def templates(self) -> nn.Parameter:
+        return self.weight
+
+    def exactness_violations(self) -> list[str]:
+        count = int((self.weight < 0).sum())
+        return [f"{count} negative {self.template_name}"] if count else []
 
     def offset(self) -> Tensor:
         """The additive term of the bottom-up map, (out,)."""
@@ -267,6 +401,12 @@ class Dense(Level):
     def prior_term(self, g: Tensor) -> Tensor:
         return g @ self.offset()
 
+    def prior_units(self, g: Tensor) -> Tensor:
+        return g * self.offset()
+
+    def spread_down(self, g: Tensor) -> Tensor:
+        return self.render_with_templates(g, torch.ones_like(self.weight))
+
 
 class Classes(Dense):
     """The top level: class templates mu_c (rows of the weight) and class log prior log pi_c.
@@ -274,6 +414,8 @@ class Classes(Dense):
     The prior is stored as unnormalised logits; `log_prior` = log_softmax(prior_logits) is what the
     model and the equivalent CNN use, so log pi is always a normalised distribution.
     """
+
+    template_name = "class templates"
 
     def __init__(self, templates: Tensor, prior_logits: Tensor) -> None:
         if templates.ndim != 2 or prior_logits.shape != (templates.shape[0],):
@@ -296,6 +438,8 @@ class Switch(Level):
     """Switching latent a per unit (ON = 1, OFF = negative_slope): max over a is (Leaky)ReLU."""
 
     has_latent = True
+    latent_kind = "switch"
+    field_rule = "pointwise"
     output_kind = "saved"  # ReLU's backward pass reads its output
 
     def __init__(self, spec: SwitchSpec | None = None) -> None:
@@ -366,6 +510,38 @@ class Switch(Level):
     def latent_from_digits(self, digits: Tensor) -> Tensor:
         return digits.bool().view(digits.shape[0], *self.in_shape)
 
+    def best_latent(self, y: Tensor, h: Tensor) -> Tensor:
+        # h a u over a in {alpha, 1}, alpha <= 1: ON iff h u > 0 (ties OFF, as the CNN)
+        return h * y > 0
+
+    def default_latent(self, batch: int, device: torch.device) -> Tensor:
+        return torch.ones(batch, *self.in_shape, dtype=torch.bool, device=device)  # every ON
+
+    def sample_latent(
+        self, n: int, generator: torch.Generator | None, device: torch.device
+    ) -> Tensor:
+        probs = torch.full((n, *self.in_shape), self._spec.prior_on, dtype=torch.float64)
+        return torch.bernoulli(probs, generator=generator).bool().to(device)
+
+    def prior_statistics(self, latent: Tensor) -> Tensor | None:
+        """(units ON, units): the ON frequency is P(a = ON)'s maximum-likelihood estimate."""
+        return torch.tensor([float(latent.sum()), float(latent.numel())], dtype=torch.float64)
+
+    def learn_prior(self, statistics: Tensor) -> dict[str, float]:
+        on, units = statistics.tolist()
+        if not units:
+            return {}
+        prior_on = min(max(on / units, 1e-6), 1 - 1e-6)  # never exactly 0 or 1
+        self.set_prior_on(prior_on)
+        return {"prior_on": prior_on}
+
+    def exactness_violations(self) -> list[str]:
+        slope = self._spec.negative_slope
+        return [f"negative_slope {slope} < 0"] if slope < 0 else []
+
+    def spread_down(self, g: Tensor) -> Tensor:
+        return g  # every switch ON
+
     def check_latent(self, latent: Tensor, batch: int) -> None:
         if latent.dtype != torch.bool:
             raise TypeError(f"a Switch latent must be a bool tensor, got {latent.dtype}")
@@ -380,6 +556,8 @@ class MaxPool(Level):
     """Translation latent t per pooled unit: max over t is max-pooling, rendering is unpooling."""
 
     has_latent = True
+    latent_kind = "translation"
+    field_rule = "window"
 
     def __init__(self, spec: MaxPoolSpec) -> None:
         super().__init__()
@@ -471,6 +649,41 @@ class MaxPool(Level):
         chosen = cells[unit_window[None, :].expand_as(digits), digits]  # (N, U)
         return chosen.view(digits.shape[0], *self.out_shape)
 
+    def best_latent(self, y: Tensor, h: Tensor) -> Tensor:
+        # t_p = argmax over the cells t of window p of h_p y_t (argmin of y where h_p < 0)
+        cells = self.window_cells.to(y.device)  # (P, k), -1 outside the image
+        values = y.flatten(2)[:, :, cells.clamp_min(0)]  # (B, C, P, k)
+        gain = values * h.flatten(2)[..., None]  # h_p y_t for every cell t of window p
+        gain = gain.masked_fill(cells < 0, -torch.inf)
+        choice = gain.argmax(-1)  # (B, C, P): the first best cell, as torch's max-pool
+        return cells[torch.arange(cells.shape[0], device=y.device), choice].view(
+            y.shape[0], *self.out_shape
+        )
+
+    def prior_statistics(self, latent: Tensor) -> Tensor | None:
+        return None  # uniform over each window's cells: nothing to learn
+
+    def learn_prior(self, statistics: Tensor) -> dict[str, float]:
+        return {}
+
+    def exactness_violations(self) -> list[str]:
+        return []  # unpooling moves a signal, it never changes its sign
+
+    def window(self) -> Window:
+        p = self._spec
+        return p.kernel_size, p.stride_pair, p.padding, p.dilation
+
+    def spread_down(self, g: Tensor) -> Tensor:
+        # every valid cell of every window receives the signal
+        batch, channels = g.shape[:2]
+        cells = self.window_cells.to(g.device)  # (P, k), -1 outside the image
+        valid = (cells >= 0).to(g.dtype)
+        src = g.flatten(2)[..., None] * valid  # (B, C, P, k)
+        index = cells.clamp_min(0).expand(batch, channels, *cells.shape)
+        out = g.new_zeros(batch, channels, math.prod(self.in_shape[1:]))
+        out.scatter_add_(2, index.flatten(2), src.flatten(2))
+        return out.view(batch, *self.in_shape)
+
     def check_latent(self, latent: Tensor, batch: int) -> None:
         if latent.dtype != torch.long:
             raise TypeError(f"a MaxPool latent must be an int64 index tensor, got {latent.dtype}")
@@ -489,6 +702,8 @@ class MaxPool(Level):
 
 class AvgPool(Level):
     """Average pooling: a fixed linear rendering (no latent); top-down spreads h / divisor."""
+
+    field_rule = "window"
 
     def __init__(self, spec: AvgPoolSpec) -> None:
         super().__init__()
@@ -540,6 +755,16 @@ class AvgPool(Level):
             s.divisor_override,
         )
 
+    def exactness_violations(self) -> list[str]:
+        return []  # positive weights 1 / divisor
+
+    def window(self) -> Window:
+        a = self._spec
+        return a.kernel_size, a.stride_pair, a.padding, (1, 1)
+
+    def spread_down(self, g: Tensor) -> Tensor:
+        return self.top_down(g, None)
+
     def top_down(self, g: Tensor, latent: Tensor | None, rule: SwitchRule = "drm") -> Tensor:
         s = self._spec
         channels = self.in_shape[0]
@@ -559,6 +784,7 @@ class Flatten(Level):
     """Flatten (C, H, W) to (C*H*W,); rendering reshapes back."""
 
     output_kind = "view"
+    field_rule = "flatten"
 
     def __init__(self, spec: FlattenSpec | None = None) -> None:
         super().__init__()
@@ -576,6 +802,12 @@ class Flatten(Level):
     def top_down(self, g: Tensor, latent: Tensor | None, rule: SwitchRule = "drm") -> Tensor:
         return g.view(g.shape[0], *self.in_shape)
 
+    def exactness_violations(self) -> list[str]:
+        return []
+
+    def spread_down(self, g: Tensor) -> Tensor:
+        return self.top_down(g, None)
+
 
 class LevelStack(nn.ModuleList):
     """An nn.ModuleList that holds `Level`s, so that iteration and indexing are typed."""
@@ -590,6 +822,21 @@ class LevelStack(nn.ModuleList):
 
     def __reversed__(self) -> Iterator[Level]:
         return reversed(list(self))
+
+
+def check_level_list(levels: object) -> None:
+    """Raise a clear error unless `levels` is a non-empty sequence of drm Levels whose last one,
+    and only the last, is `Classes`."""
+    if not isinstance(levels, (list, tuple, nn.ModuleList)) or not levels:
+        raise ValueError("the last level must be Classes (the class templates and prior)")
+    for i, item in enumerate(levels):
+        if not isinstance(item, Level):
+            raise TypeError(f"levels[{i}] is {type(item).__name__}, not a drm Level")
+    if not isinstance(levels[-1], Classes):
+        raise ValueError("the last level must be Classes (the class templates and prior)")
+    for i, item in enumerate(list(levels)[:-1]):
+        if isinstance(item, Classes):
+            raise ValueError(f"levels[{i}] is Classes, which may only be the last level")
 
 
 def init_level(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +33,11 @@ from drm.levels import (
     SWITCH_RULES,
     AvgPool,
     Classes,
-    Conv,
-    Dense,
     Level,
     LevelStack,
     MaxPool,
-    Switch,
     SwitchRule,
+    check_level_list,
     init_level,
 )
 
@@ -65,13 +64,7 @@ class DeepRenderingModel(nn.Module):
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
-        if not levels or not isinstance(levels[-1], Classes):
-            raise ValueError("the last level must be Classes (the class templates and prior)")
-        for i, level in enumerate(levels):
-            if not isinstance(level, Level):
-                raise TypeError(f"levels[{i}] is {type(level).__name__}, not a drm Level")
-            if isinstance(level, Classes) and i != len(levels) - 1:
-                raise ValueError(f"levels[{i}] is Classes, which may only be the last level")
+        check_level_list(levels)
         if not (math.isfinite(float(sigma2)) and float(sigma2) > 0):
             raise ValueError(f"sigma2 must be finite and > 0, got {sigma2}")
         for i, level in enumerate(levels):
@@ -87,7 +80,7 @@ class DeepRenderingModel(nn.Module):
                 current = level.bind(current)
             except ValueError as err:
                 raise ValueError(f"levels[{i}] ({type(level).__name__}): {err}") from err
-        dtype = levels[-1].weight.dtype
+        dtype = levels[-1].templates.dtype
         self.register_buffer("sigma2", torch.tensor(float(sigma2), dtype=dtype))
         self.sigma2: Tensor
 
@@ -134,9 +127,7 @@ class DeepRenderingModel(nn.Module):
     @property
     def classes(self) -> Classes:
         """The top level."""
-        top = self.levels[-1]
-        assert isinstance(top, Classes)
-        return top
+        return cast(Classes, self.levels[-1])  # checked at construction
 
     @property
     def num_classes(self) -> int:
@@ -176,16 +167,11 @@ class DeepRenderingModel(nn.Module):
         violations: list[str] = []
         first_latent = min(self.latent_levels, default=len(self.levels))
         for i, level in enumerate(self.levels):
-            if i <= first_latent:
-                continue
-            if isinstance(level, (Conv, Dense)) and bool((level.weight < 0).any()):
-                name = "class templates" if isinstance(level, Classes) else "templates"
-                count = int((level.weight < 0).sum())
-                violations.append(f"levels[{i}] ({type(level).__name__}): {count} negative {name}")
-            if isinstance(level, Switch) and level.spec.negative_slope < 0:
-                violations.append(
-                    f"levels[{i}] (Switch): negative_slope {level.spec.negative_slope} < 0"
-                )
+            if i > first_latent:
+                violations += [
+                    f"levels[{i}] ({type(level).__name__}): {violation}"
+                    for violation in level.exactness_violations()
+                ]
         return violations
 
     def forward(self, x: Tensor) -> Tensor:

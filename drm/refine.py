@@ -9,7 +9,7 @@ eq. 5) is affine in the output of any one level: score = <h, F(y; z_l)> + const,
 level's bottom-up input (a function of the latents below, fixed), h the top-down signal reaching
 its output (a function of the class and the latents above, fixed) and F the level's map with its
 own latent z_l. That is separable over the level's units, so the best z_l given the rest is
-exact and cheap:
+exact and cheap (each level's `best_latent`):
 
     switch a_j:      ON  iff  h_j u_j > 0          (max of h_j a u_j over a in {alpha, 1})
     translation t_p:  t_p = argmax_{t in window} h_p y_t   (argmin of y when h_p < 0)
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from drm.inference import latents_or_max_sum, max_sum, propagate_up
-from drm.levels import MaxPool, Switch
+from drm.levels import Level
 from drm.model import DeepRenderingModel, Latents, check_classes, check_images
 
 
@@ -42,28 +42,6 @@ def level_inputs(model: DeepRenderingModel, x: Tensor, latents: Latents) -> list
         inputs.append(y)
         y = level.bottom_up_frozen(y, latent)
     return inputs
-
-
-def best_latent(level: Switch | MaxPool, y: Tensor, h: Tensor) -> Tensor:
-    """argmax over the level's latent of <h, F(y; z)>, unit by unit.
-
-    Args:
-        y: (B, *level.in_shape) the level's bottom-up input.
-        h: (B, *level.out_shape) the top-down signal at its output.
-    """
-    if isinstance(level, Switch):
-        # h a u over a in {alpha, 1}, alpha <= 1: ON iff h u > 0 (ties OFF, as the CNN).
-        return h * y > 0
-    channels, height, width = level.in_shape
-    cells = level.window_cells.to(y.device)  # (P, k), -1 outside the image
-    flat = y.flatten(2)  # (B, C, H*W)
-    values = flat[:, :, cells.clamp_min(0)]  # (B, C, P, k)
-    gain = values * h.flatten(2)[..., None]  # h_p y_t for every cell t of window p
-    gain = gain.masked_fill(cells < 0, -torch.inf)
-    choice = gain.argmax(-1)  # (B, C, P): the first best cell, as torch's max-pool
-    return cells[torch.arange(cells.shape[0], device=y.device), choice].view(
-        y.shape[0], *level.out_shape
-    )
 
 
 def refine_latents(
@@ -102,10 +80,10 @@ def refine_latents(
             g = torch.nn.functional.one_hot(classes, model.num_classes).to(model.dtype)
             for index in reversed(range(len(model.levels))):
                 level = model.levels[index]
-                if isinstance(level, (Switch, MaxPool)):
+                if level.has_latent:
                     previous = current[index]
                     assert previous is not None
-                    choice = best_latent(level, inputs[index], g)
+                    choice = level.best_latent(inputs[index], g)
                     if not torch.equal(choice, previous):
                         # keep the previous choice wherever the new one is no better (ties):
                         # the score then never decreases and the sweeps terminate
@@ -123,7 +101,7 @@ def refine_latents(
     return refined, scores, sweeps
 
 
-def _unit_gain(level: Switch | MaxPool, y: Tensor, h: Tensor, latent: Tensor) -> Tensor:
+def _unit_gain(level: Level, y: Tensor, h: Tensor, latent: Tensor) -> Tensor:
     """h * F(y; z), unit by unit: the part of the score that this level's latent controls."""
     return h * level.bottom_up_frozen(y, latent)
 

@@ -14,7 +14,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from drm.levels import Switch
 from drm.model import DeepRenderingModel, Latents, render
 from drm.reference import sample_cnn_prior
 
@@ -31,19 +30,10 @@ def sample_factorized_latents(
     model: DeepRenderingModel, n: int, generator: torch.Generator | None = None
 ) -> Latents:
     """Latents from the factorized prior: a ~ Bernoulli(prior_on), t uniform over its window."""
-    latents: list[Tensor | None] = []
-    for level in model.levels:
-        if isinstance(level, Switch):
-            probs = torch.full((n, *level.in_shape), level.spec.prior_on, dtype=torch.float64)
-            latents.append(torch.bernoulli(probs, generator=generator).bool().to(model.device))
-        elif level.has_latent:
-            counts = level.latent_counts().to(torch.float64)  # (U,)
-            uniform = torch.rand(n, counts.shape[0], generator=generator, dtype=torch.float64)
-            digits = (uniform * counts).long().clamp_max(counts.long() - 1)
-            latents.append(level.latent_from_digits(digits.to(model.device)))
-        else:
-            latents.append(None)
-    return tuple(latents)
+    return tuple(
+        level.sample_latent(n, generator, model.device) if level.has_latent else None
+        for level in model.levels
+    )
 
 
 def sample(

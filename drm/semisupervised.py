@@ -12,7 +12,7 @@ A few labelled and many unlabelled images train one DRM. Each step is one round 
       reconstruction       every image       -log N(x; mu(c^, z*), sigma^2 I)           (DRMM, NRM)
       entropy              every image       H(softmax(s(x)))                           (DRMM, NRM)
       nonnegativity        every image       sum_l mean relu(-g_l)^2                    (DRMM, NRM)
-      class_balance        the batch         KL(mean_n softmax(s(x_n)) || pi)           (ours)
+      class_balance        the batch         KL(mean_n softmax(s(x_n)) || u), u uniform  (ours)
       path_normalization   every image       |log pi_c^ - log pi_c0| + sum_l mean |b_l (g_l - g0_l)|
                                                                                          (NRM)
       min_cross_entropy    labelled images   -log softmax(s_min(x))_y                   (NRM)
@@ -40,9 +40,11 @@ What the authors' public code does (read for this module; docs/semisupervised.md
 the DRMM's "KL" term is -sum_c gamma_c log(C gamma_c) = H(gamma) - log C with gamma the softmax,
 i.e. per-image entropy minimisation (our `entropy`, up to the constant), and neither code has a
 term on the latent priors; its sign cost is our `nonnegativity`. `class_balance` is our addition:
-the class latent's batch-averaged posterior held to its prior pi, which stops entropy
-minimisation from collapsing the unlabelled images onto few classes (the marginal-entropy term of
-regularised information maximisation). The NRM's path normalisation compares the CNN prior's bias
+the class latent's batch-averaged posterior held to the uniform distribution (the class
+frequencies of the balanced labelled subset; `balance_target="prior"` uses the learned prior pi
+instead, which a collapsing run drags along), which stops entropy minimisation from collapsing
+the unlabelled images onto few classes (the marginal-entropy term of regularised information
+maximisation). The NRM's path normalisation compares the CNN prior's bias
 terms on the image's configuration with those of a reference configuration (c0, z0), max-sum's on
 an all-zero image; the authors render the reference from a vector of ones (every class at once),
 we render it from its own class c0, so that both sides are configurations of the prior.
@@ -72,7 +74,6 @@ from torch import Tensor
 from drm.distributed import Reduce, reduce_together
 from drm.em import OptimizerName, make_optimizer, sum_gradients
 from drm.inference import max_sum, min_sum
-from drm.levels import Conv, Dense
 from drm.model import (
     DeepRenderingModel,
     Latents,
@@ -95,7 +96,7 @@ class LossWeights:
     reconstruction: float = 1.0  # every image: -log N(x; mu(c^, z*), sigma^2 I)
     entropy: float = 2.0  # every image: entropy of p(c | x, z*)
     nonnegativity: float = 1000.0  # every image: squared negative part of the top-down signals
-    class_balance: float = 2.0  # the batch: KL(mean posterior || class prior)
+    class_balance: float = 2.0  # the batch: KL(mean posterior || uniform, or class prior)
     path_normalization: float = 0.0  # every image: the NRM's path normalisation
     min_cross_entropy: float = 0.0  # labelled images: the NRM's min branch, -log p_min(y | x)
     consistency: float = 3.0  # unlabelled images: KL(posterior || posterior of a translation)
@@ -190,11 +191,10 @@ def path_normalization_term(
     """
     log_prior = model.class_log_prior
     total = (log_prior[classes] - log_prior[reference_class]).abs().mean()
-    for index, level in enumerate(model.levels):
-        if isinstance(level, (Conv, Dense)) and index + 1 < len(model.levels):
-            bias = level.bias.view(-1, *([1] * (len(level.out_shape) - 1)))  # (K, 1, 1) or (K,)
+    for index, level in enumerate(list(model.levels)[:-1]):  # the class level's: above
+        if level.has_templates:  # the levels with a bias
             gap = signals[index + 1] - reference_signals[index + 1]
-            total = total + (bias * gap).abs().mean()
+            total = total + level.prior_units(gap).abs().mean()
     return total
 
 
@@ -253,6 +253,8 @@ class SemiSupervisedEM:
         optimizer, lr: the M-step's optimizer.
         max_shift: the consistency term's largest translation, in pixels.
         seed: the consistency term's translations (with the step number).
+        balance_target: "uniform" (the class_balance term pulls the batch's mean posterior
+            toward the uniform distribution) or "prior" (toward the learned class prior pi).
         reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
             None: one process. Each process holds a shard of the global batch; the counts of
             images and labels and the batch's summed posterior are summed first (one
@@ -269,7 +271,7 @@ class SemiSupervisedEM:
         reduce: Reduce | None = None,
         max_shift: int = 2,
         seed: int = 0,
-        balance_target: str = "prior",
+        balance_target: str = "uniform",
     ) -> None:
         if not isinstance(max_shift, int) or max_shift < 1:
             raise ValueError(f"max_shift must be an int >= 1, got {max_shift!r}")

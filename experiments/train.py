@@ -176,8 +176,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lr_decay": 0.93,
         "labelled_batch_size": 32,
         "consistency_shift": 2,
+        # the uniform target kept two of three label draws from collapsing into one class
+        "class_balance_target": "uniform",
     },
 }
+# The value of a setting that runs written before it existed were made with (their
+# config.json lacks the key), per algorithm: a resumed run is compared with it.
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"ssl": {"class_balance_target": "prior"}}
 SSL_WEIGHTS = LossWeights()  # the default weight of each semi-supervised term
 DIAGNOSTIC_IMAGES = 500  # test images on which deep runs report the generative classifier and gap
 GAP_SWEEPS = 5  # refinement sweeps of the inference-gap bound (more: tighter, slower)
@@ -384,7 +389,7 @@ def build_trainer(args: argparse.Namespace, model: Any) -> Trainer:
             reduce=reduce,
             max_shift=args.consistency_shift,
             seed=args.seed,
-            balance_target=args.class_balance_target or "prior",
+            balance_target=args.class_balance_target,
         )
     if shallow:
         return ShallowEM(model, hard=args.hard, supervised=not args.unsupervised, reduce=reduce)
@@ -748,6 +753,7 @@ def load_run(
 def check_resumable(run_config: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
     """Raise RunError naming every essential setting that differs from the stored run."""
     stored = run_config.get("args", {})
+    stored = {**LEGACY_SETTINGS.get(stored.get("algo"), {}), **stored}
     differ = [
         f"--{key.replace('_', '-')} {stored.get(key)!r} (stored) vs {getattr(args, key)!r}"
         for key in ESSENTIAL
@@ -1140,7 +1146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("prior", "uniform"),
         default=None,
         help="ssl: what the class_balance term pulls the batch's mean posterior toward: the "
-        "model's learned class prior (default) or the uniform distribution",
+        "model's learned class prior or the uniform distribution (default: uniform; "
+        "docs/semisupervised.md)",
     )
     for term, weight in SSL_WEIGHTS.items():
         parser.add_argument(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import drm
-from drm.refine import best_latent, level_inputs, refine_latents
+from drm.refine import level_inputs, refine_latents
 from tests.architectures import ARCHITECTURES, TINY_ARCHITECTURES, build, images
 
 BOUND_TOL = 1e-10
@@ -81,7 +81,7 @@ def test_each_update_is_the_best_choice_for_its_level(name: str) -> None:
             assert isinstance(level, (drm.Switch, drm.MaxPool))
             inputs = level_inputs(model, x, latents)
             signals = drm.model.propagate_down(model, classes, latents)
-            choice = best_latent(level, inputs[index], signals[index + 1])
+            choice = level.best_latent(inputs[index], signals[index + 1])
             trial = list(latents)
             trial[index] = choice
             best = drm.log_joint(model, x, classes, tuple(trial))

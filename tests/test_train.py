@@ -361,13 +361,32 @@ def test_ssl_options_apply_to_ssl_only(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_the_class_balance_target_reaches_the_trainer_and_binds_the_run(tmp_path: Path) -> None:
-    argv = ["--algo", "ssl", "--labels", "50", "--class-balance-target", "uniform"]
+    argv = ["--algo", "ssl", "--labels", "50", "--class-balance-target", "prior"]
     run(tmp_path, *argv, epochs=1)
     args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
     model = load_checkpoint(tmp_path / train.CHECKPOINT).model
-    assert train.build_trainer(args, model).balance_target == "uniform"
-    with pytest.raises(train.RunError, match="--class-balance-target 'uniform' .stored."):
+    assert train.build_trainer(args, model).balance_target == "prior"
+    default = train.parse_args([*SMALL, "--algo", "ssl", "--out", str(tmp_path)])
+    assert train.build_trainer(default, model).balance_target == "uniform"
+    with pytest.raises(train.RunError, match="--class-balance-target 'prior' .stored. vs 'unif"):
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
+
+
+def test_an_ssl_run_from_before_the_uniform_default_resumes_with_its_prior_target(
+    tmp_path: Path,
+) -> None:
+    """Runs written when the default target was the prior have no class_balance_target in
+    their config: they compare as 'prior', so they resume with it and refuse the new default."""
+    argv = ["--algo", "ssl", "--labels", "50", "--class-balance-target", "prior"]
+    run(tmp_path, *argv, epochs=1)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["args"]["class_balance_target"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(train.RunError, match="--class-balance-target 'prior' .stored. vs 'unif"):
+        run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
+    run(tmp_path, *argv, "--resume", epochs=2)
+    assert len(json.loads((tmp_path / train.METRICS).read_text())) == 2
 
 
 # --- one-line errors -------------------------------------------------------------------------
