@@ -25,7 +25,7 @@ demo: setup  ## the main job: prove the equivalence on real digits, print a tabl
 test: setup  ## every test, slow ones included (GPU tests skip without CUDA)
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup  ## every test but the `slow` ones (subprocesses: torchrun, SIGKILL, script smoke runs, Chromium)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup

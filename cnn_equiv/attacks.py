@@ -1,4 +1,4 @@
-"""Breaking the CNN, then asking the rendering model what it sees in the broken images.
+"""Breaking the CNN: gradient attacks, fooling with a rendered template, fooling images.
 
 The neural-net view is attacked with the lecture's recipes ("Breaking CNNs"):
 
@@ -13,14 +13,7 @@ E2) or any torch module mapping images (B, C0, H, W) to logits (B, C). The templ
 lecture's "fooling a linear classifier" (x <- x + alpha w) where the weight vector w of class c is
 replaced by the DRM's rendering of c with the image's own latents: by E6 that rendering is
 sigma^2 times the input gradient of the logit of c, the weight vector of the CNN frozen at those
-latents.
-
-The probabilistic view then reads each image (`drm_view`): the max-sum scores, the log-joint of
-the MAP configuration, how well the rendering of the predicted class explains the pixels, and how
-far greedy bottom-up inference is from the best configuration (the inference gap, E4: a lower
-bound by top-down coordinate ascent, `drm.refine.refine_latents`, on any model; exact by
-enumeration, `drm.exact_map`, on tiny ones). `detection_auc` and `detection_report` measure how
-well each of those statistics separates adversarial from clean images (ROC AUC).
+latents. What the rendering model then sees in the broken images is `cnn_equiv.detection`.
 
 References:
     Szegedy et al., Intriguing Properties of Neural Networks, ICLR 2014.
@@ -34,142 +27,32 @@ References:
     for Unrecognizable Images, CVPR 2015.
     Simonyan, Vedaldi, Zisserman, Deep Inside Convolutional Networks: Visualising Image
     Classification Models and Saliency Maps, ICLR 2014 workshop (gradient ascent, L2 penalty).
-    Hanley, McNeil, The Meaning and Use of the Area under a ROC Curve, Radiology 143, 1982.
     Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnn_equiv._checks import check_count, check_nonnegative, dtype_device
+from cnn_equiv._checks import (
+    PixelRange,
+    check_alphas,
+    check_attack_labels,
+    check_batch,
+    check_classifier,
+    check_count,
+    check_labels,
+    check_nonnegative,
+    check_pixel_range,
+    dtype_device,
+)
 from cnn_equiv.cnn import input_shape_of
 from drm.inference import latents_or_max_sum, max_sum
-from drm.model import (
-    DeepRenderingModel,
-    Latents,
-    check_classes,
-    check_images,
-    gaussian_log_joint,
-    logit_offset,
-    render,
-    rendering_terms,
-)
-from drm.reference import DEFAULT_MAX_CONFIGURATIONS, exact_map, num_configurations
-from drm.refine import refine_latents
-
-# A pixel range (low, high) that every image is clamped to, or None for no clamping.
-PixelRange = tuple[float, float] | None
-# An attack for `detection_report`: (model, x (B, C0, H, W), y (B,)) -> adversarial x.
-Attack = Callable[[DeepRenderingModel, Tensor, Tensor], Tensor]
-
-# Layers whose training mode changes what a torch classifier computes (batch statistics, random
-# masks): an attack on them would attack a random function.
-_TRAINING_DEPENDENT = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-
-# Each statistic of `drm_view` used for detection, with the sign that makes "larger = more
-# suspicious": a low log-joint, a large reconstruction error, a large inference gap, a low
-# confidence are what one expects of an image the model does not explain.
-DETECTION_STATISTICS: dict[str, float] = {
-    "log_joint": -1.0,
-    "reconstruction_error": 1.0,
-    "scaled_reconstruction_error": 1.0,
-    "gap_lower_bound": 1.0,
-    "max_softmax": -1.0,
-}
-
-
-# --- argument checks ---------------------------------------------------------------------------
-
-
-def _check_classifier(classifier: object) -> nn.Module:
-    if not isinstance(classifier, nn.Module):
-        raise TypeError(
-            "classifier must be a DeepRenderingModel or a torch nn.Module mapping images to "
-            f"logits, got {type(classifier).__name__}"
-        )
-    if not isinstance(classifier, DeepRenderingModel):
-        for name, module in classifier.named_modules():
-            if isinstance(module, _TRAINING_DEPENDENT) and module.training:
-                raise ValueError(
-                    f"classifier layer {name or '<root>'} ({type(module).__name__}) is in "
-                    "training mode, where its output is random or depends on the batch; call "
-                    "classifier.eval() first"
-                )
-    return classifier
-
-
-def _check_batch(classifier: nn.Module, x: object, name: str = "x") -> Tensor:
-    if isinstance(classifier, DeepRenderingModel):
-        return check_images(classifier, x, name)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x.detach()).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    return x
-
-
-def _check_labels(labels: object, batch: int, name: str) -> Tensor:
-    """(B,) int64; the range is checked against the logits in `_loss_gradient`."""
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype != torch.long:
-        raise TypeError(f"{name} must be an int64 tensor, got dtype {labels.dtype}")
-    if labels.shape != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},), got {tuple(labels.shape)}")
-    return labels
-
-
-def _check_range(clamp: object, x: Tensor | None = None) -> PixelRange:
-    """A valid pixel range; the clean images `x` must already lie inside it."""
-    if clamp is None:
-        return None
-    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
-        raise ValueError(f"clamp must be None or a pair (low, high), got {clamp!r}")
-    low, high = (float(v) for v in clamp)
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(f"clamp must be finite with low < high, got {clamp!r}")
-    if x is not None and x.numel():
-        lowest, highest = float(x.detach().min()), float(x.detach().max())
-        if lowest < low or highest > high:
-            raise ValueError(
-                f"the images span [{lowest:.4g}, {highest:.4g}], outside clamp=({low}, {high}): "
-                "pass the images' pixel range as clamp, or clamp=None"
-            )
-    return (low, high)
-
-
-def _attack_labels(y: Tensor | None, target: Tensor | None, batch: int) -> tuple[Tensor, bool]:
-    """The labels whose cross-entropy the attack raises (y) or lowers (target)."""
-    if y is None and target is None:
-        raise ValueError("give the true labels y (untargeted attack) or a target (targeted)")
-    if y is not None:
-        y = _check_labels(y, batch, "y")
-    if target is not None:
-        return _check_labels(target, batch, "target"), True
-    assert y is not None
-    return y, False
-
+from drm.model import DeepRenderingModel, Latents, check_classes, check_images, render
 
 # --- the classifier as a function --------------------------------------------------------------
 
@@ -243,11 +126,11 @@ def fgsm(
     Returns:
         (B, C0, H, W) adversarial images, detached; pixels whose gradient is exactly 0 stay put.
     """
-    classifier = _check_classifier(classifier)
-    x = _check_batch(classifier, x)
+    classifier = check_classifier(classifier)
+    x = check_batch(classifier, x)
     epsilon = check_nonnegative(epsilon, "epsilon")
-    clamp = _check_range(clamp, x)
-    labels, targeted = _attack_labels(y, target, x.shape[0])
+    clamp = check_pixel_range(clamp, x)
+    labels, targeted = check_attack_labels(y, target, x.shape[0])
     grad = _loss_gradient(classifier, x, labels, targeted)
     return _clamped(x.detach() + epsilon * grad.sign(), clamp)
 
@@ -282,13 +165,13 @@ def iterative_attack(
     Returns:
         (B, C0, H, W) adversarial images, detached, with |x_adv - x| <= epsilon.
     """
-    classifier = _check_classifier(classifier)
-    x = _check_batch(classifier, x)
+    classifier = check_classifier(classifier)
+    x = check_batch(classifier, x)
     epsilon = check_nonnegative(epsilon, "epsilon")
     step = check_nonnegative(step, "step", positive=True)
     steps = check_count(steps, "steps")
-    clamp = _check_range(clamp, x)
-    labels, targeted = _attack_labels(y, target, x.shape[0])
+    clamp = check_pixel_range(clamp, x)
+    labels, targeted = check_attack_labels(y, target, x.shape[0])
     clean = x.detach()
     low, high = clean - epsilon, clean + epsilon
     adversarial = clean.clone()
@@ -334,20 +217,6 @@ def template_direction(
         return mu * scale.view(-1, 1, 1, 1)
 
 
-def _alphas(alpha: float | Tensor, x: Tensor) -> Tensor:
-    """alpha as a (B,) tensor of x's dtype and device, checked >= 0 and finite."""
-    if isinstance(alpha, Tensor):
-        if alpha.ndim == 0:
-            alpha = alpha.expand(x.shape[0])
-        if alpha.shape != (x.shape[0],):
-            raise ValueError(f"alpha must be a number or ({x.shape[0]},), got {tuple(alpha.shape)}")
-        values = alpha.detach().to(x.device, x.dtype)
-        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-            raise ValueError("alpha must be finite and >= 0")
-        return values
-    return x.new_full((x.shape[0],), check_nonnegative(alpha, "alpha"))
-
-
 def fool_with_template(
     model: DeepRenderingModel,
     x: Tensor,
@@ -372,9 +241,9 @@ def fool_with_template(
         (B, C0, H, W) images, detached.
     """
     x = check_images(model, x)
-    clamp = _check_range(clamp, x)
+    clamp = check_pixel_range(clamp, x)
     direction = template_direction(model, x, target, latents)
-    return _clamped(x.detach() + _alphas(alpha, x).view(-1, 1, 1, 1) * direction, clamp)
+    return _clamped(x.detach() + check_alphas(alpha, x).view(-1, 1, 1, 1) * direction, clamp)
 
 
 def minimal_template_alpha(
@@ -410,14 +279,14 @@ def minimal_template_alpha(
     """
     x = check_images(model, x)
     target = check_classes(model, target, x.shape[0])
-    clamp = _check_range(clamp, x)
+    clamp = check_pixel_range(clamp, x)
     tol = check_nonnegative(tol, "tol", positive=True)
     direction = template_direction(model, x, target, latents)
     with torch.no_grad():
         if alpha_max is None:
             hi = (2 * x.detach().flatten(1).norm(dim=1)).clamp_min(1.0)
         else:
-            hi = _alphas(alpha_max, x)
+            hi = check_alphas(alpha_max, x)
         lo = torch.zeros_like(hi)
 
         def is_target(alpha: Tensor) -> Tensor:
@@ -472,11 +341,11 @@ def fooling_images(
     Returns:
         (B, C0, H, W) images, detached, in the classifier's dtype and on its device.
     """
-    classifier = _check_classifier(classifier)
+    classifier = check_classifier(classifier)
     steps = check_count(steps, "steps", minimum=0)
     step_size = check_nonnegative(step_size, "step_size", positive=True)
     l2 = check_nonnegative(l2, "l2")
-    clamp = _check_range(clamp)
+    clamp = check_pixel_range(clamp)
     shape = input_shape_of(
         classifier,
         input_shape,
@@ -485,7 +354,7 @@ def fooling_images(
     )
     if not isinstance(target, Tensor) or target.ndim != 1 or target.shape[0] == 0:
         raise ValueError("target must be a non-empty (B,) int64 tensor of classes")
-    target = _check_labels(target, target.shape[0], "target")
+    target = check_labels(target, target.shape[0], "target")
     dtype, device = dtype_device(classifier)
     low, high = clamp if clamp is not None else (0.0, 1.0)
     noise = torch.rand((target.shape[0], *shape), generator=generator, dtype=torch.float64)
@@ -505,298 +374,8 @@ def fooling_images(
     return x.detach()
 
 
-# --- what the rendering model sees -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DRMView:
-    """How the DRM sees a batch of B images (every tensor detached).
-
-    Attributes:
-        scores: (B, C) max-sum scores, the CNN's logits.
-        predicted: (B,) the arg-max class.
-        classes: (B,) the class each image is explained as (default `predicted`).
-        max_softmax: (B,) the largest softmax probability of the scores.
-        log_joint: (B,) log p(x, c, z*) + log Z at the CNN's latents z* for `classes`
-            (`drm.log_joint`; equals score_c - `drm.logit_offset(x)`, E1).
-        rendering: (B, C0, H, W) mu(c, z*) = sigma^2 h^(0) (`drm.render`).
-        reconstruction_error: (B,) ||x - mu(c, z*)||^2. Its scale follows sigma^2: the CNN fixes
-            h^(0) (the input gradient, E6) but not sigma^2 (eq. 17), which `to_drm` chooses.
-        render_scale: (B,) s* = <x, mu> / ||mu||^2, the least-squares scale of the rendering
-            (0 where mu = 0); unconstrained, so negative when x and mu point apart.
-        scaled_reconstruction_error: (B,) min_s ||x - s mu||^2 = ||x||^2 - <x, mu>^2 / ||mu||^2,
-            independent of sigma^2: how much of x the rendering's direction leaves unexplained.
-        gap_lower_bound: (B,) score of `drm.refine.refine_latents` (top-down coordinate ascent
-            from z*) minus the max-sum score: >= 0 (up to rounding) and <= the exact gap (E4).
-        refine_sweeps: sweeps the refinement ran.
-        exact_gap: (B,) max_z score - max-sum score for `classes` by enumeration
-            (`drm.exact_map`), or None when the model is too large.
-    """
-
-    scores: Tensor
-    predicted: Tensor
-    classes: Tensor
-    max_softmax: Tensor
-    log_joint: Tensor
-    rendering: Tensor
-    reconstruction_error: Tensor
-    render_scale: Tensor
-    scaled_reconstruction_error: Tensor
-    gap_lower_bound: Tensor
-    refine_sweeps: int
-    exact_gap: Tensor | None = None
-
-    def statistic(self, name: str) -> Tensor:
-        """One of `DETECTION_STATISTICS` by name: (B,)."""
-        if name not in DETECTION_STATISTICS:
-            raise ValueError(
-                f"statistic must be one of {sorted(DETECTION_STATISTICS)}, got {name!r}"
-            )
-        value = getattr(self, name)
-        assert isinstance(value, Tensor)
-        return value
-
-
-def drm_view(
-    model: DeepRenderingModel,
-    x: Tensor,
-    classes: Tensor | None = None,
-    *,
-    exact: bool | None = None,
-    max_configurations: int = DEFAULT_MAX_CONFIGURATIONS,
-    max_sweeps: int = 20,
-) -> DRMView:
-    """What the rendering model sees in each image of a batch.
-
-    Args:
-        x: (B, C0, H, W) images.
-        classes: (B,) int64 the class to explain each image as; default the max-sum prediction.
-        exact: compute the exact inference gap by enumeration; default when the model has at
-            most `max_configurations` latent configurations (`drm.num_configurations`).
-        max_sweeps: the refinement's sweep limit (`drm.refine.refine_latents`).
-
-    Returns:
-        A `DRMView` of (B,) tensors (and the (B, C) scores, (B, C0, H, W) renderings).
-    """
-    x = check_images(model, x).detach()
-    max_sweeps = check_count(max_sweeps, "max_sweeps")
-    with torch.no_grad():
-        scores, latents = max_sum(model, x)
-        scores = scores.detach()
-        predicted = scores.argmax(1)
-        classes = predicted if classes is None else check_classes(model, classes, x.shape[0])
-        chosen = scores.gather(1, classes[:, None])[:, 0]  # (B,)
-        # one top-down pass for both the rendering and the log-joint (`drm.log_joint`)
-        mu, log_prior = rendering_terms(model, classes, latents)
-        joint = gaussian_log_joint(model, x, mu, log_prior).detach()
-        mu = mu.detach()
-        flat_x, flat_mu = x.flatten(1), mu.flatten(1)  # (B, D)
-        error = ((flat_x - flat_mu) ** 2).sum(1)
-        energy = (flat_mu**2).sum(1)
-        inner = (flat_x * flat_mu).sum(1)
-        scale = torch.where(energy > 0, inner / energy.clamp_min(torch.finfo(x.dtype).tiny), 0)
-        # ||x - s mu||^2 directly (not ||x||^2 - <x, mu>^2 / ||mu||^2: no cancellation)
-        scaled_error = ((flat_x - scale[:, None] * flat_mu) ** 2).sum(1)
-        _, refined, sweeps = refine_latents(model, x, classes, latents, max_sweeps=max_sweeps)
-        gap_bound = refined.detach() - chosen
-        exact_gap = None
-        total = num_configurations(model)
-        if exact if exact is not None else total <= max_configurations:
-            best, _ = exact_map(model, x, max_configurations=max(total, max_configurations))
-            best_c = best.gather(1, classes[:, None])[:, 0]
-            exact_gap = (best_c + logit_offset(model, x) - chosen).detach()
-    return DRMView(
-        scores=scores,
-        predicted=predicted,
-        classes=classes,
-        max_softmax=torch.softmax(scores, 1).max(1).values,
-        log_joint=joint,
-        rendering=mu,
-        reconstruction_error=error,
-        render_scale=scale,
-        scaled_reconstruction_error=scaled_error,
-        gap_lower_bound=gap_bound,
-        refine_sweeps=sweeps,
-        exact_gap=exact_gap,
-    )
-
-
-# --- detection ---------------------------------------------------------------------------------
-
-
-def _check_statistic(values: object, name: str) -> Tensor:
-    if not isinstance(values, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
-    if values.ndim != 1 or values.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(values.shape)}")
-    if values.is_complex() or values.dtype == torch.bool:
-        raise TypeError(f"{name} must be real numbers, got dtype {values.dtype}")
-    values = values.detach().to(torch.float64)
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    return values
-
-
-def detection_auc(clean_scores: Tensor, adversarial_scores: Tensor) -> float:
-    """ROC AUC of a statistic that is larger on adversarial images: P(adv > clean) + P(tie) / 2.
-
-    The Mann-Whitney rank formula: with average ranks r over the pooled values (ties share their
-    mean rank), AUC = (sum of the adversarial ranks - n1 (n1 + 1) / 2) / (n0 n1). 0.5 means no
-    separation, 1 perfect, 0 perfect the other way round.
-
-    Args:
-        clean_scores: (n0,) the statistic on clean images.
-        adversarial_scores: (n1,) the statistic on adversarial images (the positives).
-
-    Returns:
-        The AUC, a float in [0, 1].
-    """
-    clean = _check_statistic(clean_scores, "clean_scores")
-    adversarial = _check_statistic(adversarial_scores, "adversarial_scores").to(clean.device)
-    pooled = torch.cat([clean, adversarial])  # (n0 + n1,)
-    _, group, counts = torch.unique(pooled, sorted=True, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0).to(torch.float64)  # 1-based rank of each tie group's last member
-    ranks = (last - (counts - 1).to(torch.float64) / 2)[group]  # average rank of every value
-    n0, n1 = clean.shape[0], adversarial.shape[0]
-    u = ranks[n0:].sum() - n1 * (n1 + 1) / 2
-    return float(u / (n0 * n1))
-
-
-def default_attacks(
-    epsilon: float = 0.1, steps: int = 10, clamp: PixelRange = (0.0, 1.0)
-) -> dict[str, Attack]:
-    """The attacks of `detection_report`: FGSM, BIM and the minimal template attack.
-
-    "fgsm": `fgsm` with budget epsilon; "iterative": `iterative_attack` with the same budget,
-    step epsilon / 4 and `steps` steps; "template": `fool_with_template` toward the runner-up
-    class with `minimal_template_alpha` (inf, i.e. unreachable, leaves the image unchanged).
-    """
-    epsilon = check_nonnegative(epsilon, "epsilon", positive=True)
-    steps = check_count(steps, "steps")
-    clamp = _check_range(clamp)
-
-    def fgsm_attack(model: DeepRenderingModel, x: Tensor, y: Tensor) -> Tensor:
-        return fgsm(model, x, y, epsilon, clamp=clamp)
-
-    def iterative(model: DeepRenderingModel, x: Tensor, y: Tensor) -> Tensor:
-        return iterative_attack(model, x, y, epsilon, epsilon / 4, steps, clamp=clamp)
-
-    def template(model: DeepRenderingModel, x: Tensor, y: Tensor) -> Tensor:
-        with torch.no_grad():
-            scores, latents = max_sum(model, x)  # the clean images' inference, run once
-            runner_up = scores.topk(2, dim=1).indices[:, 1]
-        alpha = minimal_template_alpha(model, x, runner_up, latents=latents, clamp=clamp)
-        alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
-        return fool_with_template(model, x, runner_up, alpha, latents=latents, clamp=clamp)
-
-    return {"fgsm": fgsm_attack, "iterative": iterative, "template": template}
-
-
-@dataclass(frozen=True)
-class DetectionReport:
-    """Clean against attacked images, through the DRM's eyes.
-
-    Attributes:
-        auc: attack -> statistic -> ROC AUC of the statistic signed as in `DETECTION_STATISTICS`
-            (larger = more suspicious), adversarial images as positives; nan when a set is empty.
-        accuracy: "clean" and each attack -> accuracy of the CNN on the batch.
-        counts: "clean" and each attack -> images in the set the AUC compares.
-        views: "clean" and each attack -> the `DRMView` of all B images.
-    """
-
-    auc: dict[str, dict[str, float]]
-    accuracy: dict[str, float]
-    counts: dict[str, int]
-    views: dict[str, DRMView]
-
-    def to_text(self) -> str:
-        """A table: one row per attack, its accuracy, set size and AUC per statistic."""
-        names = list(DETECTION_STATISTICS)
-        header = ["attack", "accuracy", "n"] + names
-        rows = [["clean", f"{self.accuracy['clean']:.3f}", str(self.counts["clean"])]]
-        rows[0] += ["" for _ in names]
-        for attack, aucs in self.auc.items():
-            rows.append(
-                [attack, f"{self.accuracy[attack]:.3f}", str(self.counts[attack])]
-                + ["n/a" if math.isnan(aucs[name]) else f"{aucs[name]:.3f}" for name in names]
-            )
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-            for row in [header, *rows]
-        ]
-        return "\n".join(line.rstrip() for line in lines)
-
-
-def detection_report(
-    model: DeepRenderingModel,
-    x: Tensor,
-    y: Tensor,
-    attacks: Mapping[str, Attack] | None = None,
-    *,
-    only_successful: bool = True,
-    max_sweeps: int = 20,
-) -> DetectionReport:
-    """Attack a batch, look at clean and attacked images with `drm_view`, and score detectors.
-
-    Args:
-        model: the rendering model (its CNN is attacked).
-        x: (B, C0, H, W) clean images.
-        y: (B,) int64 true labels.
-        attacks: name -> attack(model, x, y) -> adversarial x; default `default_attacks()`.
-        only_successful: compare correctly classified clean images with the attacked images that
-            were correctly classified before and are misclassified after (the usual protocol);
-            False compares all B clean with all B attacked images.
-        max_sweeps: passed to `drm_view`.
-
-    Returns:
-        A `DetectionReport`. The exact gap is not computed (models worth attacking are too large
-        to enumerate).
-    """
-    x = check_images(model, x).detach()
-    y = check_classes(model, _check_labels(y, x.shape[0], "y"), x.shape[0])
-    attacks = default_attacks() if attacks is None else attacks
-    clean_view = drm_view(model, x, exact=False, max_sweeps=max_sweeps)
-    correct = clean_view.predicted == y
-    views = {"clean": clean_view}
-    accuracy = {"clean": float(correct.double().mean())}
-    counts = {"clean": int(correct.sum()) if only_successful else x.shape[0]}
-    auc: dict[str, dict[str, float]] = {}
-    for name, attack in attacks.items():
-        if name == "clean":
-            raise ValueError("'clean' is reserved for the clean images: rename that attack")
-        adversarial = attack(model, x, y)
-        view = drm_view(
-            model,
-            check_images(model, adversarial, name).detach(),
-            exact=False,
-            max_sweeps=max_sweeps,
-        )
-        wrong = view.predicted != y
-        views[name] = view
-        accuracy[name] = float((~wrong).double().mean())
-        keep_clean = correct if only_successful else torch.ones_like(correct)
-        keep_adversarial = (correct & wrong) if only_successful else torch.ones_like(correct)
-        counts[name] = int(keep_adversarial.sum())
-        auc[name] = {}
-        for statistic, sign in DETECTION_STATISTICS.items():
-            clean_values = sign * clean_view.statistic(statistic)[keep_clean]
-            attacked = sign * view.statistic(statistic)[keep_adversarial]
-            empty = clean_values.numel() == 0 or attacked.numel() == 0
-            auc[name][statistic] = math.nan if empty else detection_auc(clean_values, attacked)
-    return DetectionReport(auc=auc, accuracy=accuracy, counts=counts, views=views)
-
-
 __all__ = [
-    "DETECTION_STATISTICS",
-    "Attack",
-    "DRMView",
-    "DetectionReport",
     "PixelRange",
-    "default_attacks",
-    "detection_auc",
-    "detection_report",
-    "drm_view",
     "fgsm",
     "fool_with_template",
     "fooling_images",

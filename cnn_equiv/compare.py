@@ -1,9 +1,10 @@
 """Reports that put the two views side by side for a model and a batch of images.
 
-`compare_views` runs the CNN (torch layers, with hooks recording its ReLU masks and max-pool
+`comparison_report` runs the CNN (torch layers, with hooks recording its ReLU masks and max-pool
 indices) and bottom-up max-sum in the rendering model on the same images, and reports how far
 apart they are, whether the sufficient condition for exact inference (E3) holds, and, on models
 small enough to enumerate, the inference gap: exact MAP score minus max-sum score, per class.
+`inference_gap` is that last rule on its own, which `cnn_equiv.detection.drm_view` uses too.
 
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
@@ -99,7 +100,47 @@ def _agreement(mine: list[Tensor], theirs: list[Tensor], what: str) -> float:
     return same / total
 
 
-def compare_views(
+def inference_gap(
+    model: DeepRenderingModel,
+    x: Tensor,
+    scores: Tensor,
+    *,
+    exact: bool | None = None,
+    max_configurations: int = DEFAULT_MAX_CONFIGURATIONS,
+) -> Tensor | None:
+    """The inference gap of max-sum (E4), exact, per image and class, when it is affordable.
+
+    max_z log p(x, c, z) by enumeration (`drm.exact_map`) minus the max-sum score of c, on the
+    scale of the scores (`drm.logit_offset` added back): >= 0 up to rounding, 0 where the
+    exactness condition holds (E3). Enumeration is exponential in the number of latent units, so
+    it runs when `exact` is True or, by default, when the model has at most `max_configurations`
+    latent configurations (`drm.num_configurations`); otherwise the gap is None, and
+    `drm.refine.inference_gap_lower_bound` gives a certified lower bound at any size.
+
+    Args:
+        x: (B, C0, H, W) images.
+        scores: (B, C) max-sum scores of x (`drm.max_sum(model, x)[0]`).
+        exact: enumerate regardless of size (True) or never (False); default by size.
+        max_configurations: the size limit of the default; an exact run on a larger model lifts
+            `drm.exact_map`'s own limit to the model's size.
+
+    Returns:
+        (B, C) detached gap, or None when not enumerated.
+    """
+    x = check_images(model, x)
+    expected = (x.shape[0], model.num_classes)
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be the (B, C) = {expected} max-sum scores, got {shape}")
+    total = num_configurations(model)
+    if not (exact if exact is not None else total <= max_configurations):
+        return None
+    with torch.no_grad():
+        best, _ = exact_map(model, x, max_configurations=max(total, max_configurations))
+        return (best + logit_offset(model, x)[:, None] - scores).detach()
+
+
+def comparison_report(
     model: DeepRenderingModel,
     x: Tensor,
     cnn: nn.Module | None = None,
@@ -112,8 +153,8 @@ def compare_views(
         cnn: the CNN to compare with; default `to_cnn(model)`. An imported CNN (the one given
             to `to_drm`) may contain BatchNorm and Dropout; its ReLU/LeakyReLU and MaxPool2d
             layers are matched to the model's switch and translation levels in order.
-        exact: enumerate every configuration for the inference gap; default: when the model
-            has at most `max_configurations`.
+        exact, max_configurations: when to compute the exact inference gap (`inference_gap`):
+            default when the model has at most `max_configurations` latent configurations.
     """
     x = check_images(model, x)
     if cnn is None:
@@ -131,11 +172,7 @@ def compare_views(
     kinds = [level.latent_kind for level in model.levels]
     switches = [z for kind, z in zip(kinds, latents, strict=True) if kind == "switch"]
     pools = [z for kind, z in zip(kinds, latents, strict=True) if kind == "translation"]
-    total = num_configurations(model)
-    gap = None
-    if exact if exact is not None else total <= max_configurations:
-        exact_scores, _ = exact_map(model, x, max_configurations=max(total, max_configurations))
-        gap = (exact_scores + logit_offset(model, x)[:, None] - scores).detach()
+    gap = inference_gap(model, x, scores, exact=exact, max_configurations=max_configurations)
     violations = model.exactness_violations()
     return ComparisonReport(
         batch_size=x.shape[0],
@@ -150,6 +187,6 @@ def compare_views(
         ),
         exactness_condition=not violations,
         violations=violations,
-        num_configurations=total,
+        num_configurations=num_configurations(model),
         inference_gap=gap,
     )

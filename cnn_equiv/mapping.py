@@ -13,6 +13,8 @@ against the one the layer's hyper-parameters (or the bound level's shapes) imply
     (folded into the Conv/Dense)      BatchNorm1d/2d in eval mode  (16)
     (dropped: identity at inference)  Dropout*, Identity
     sigma^2 (rendering scale only)    (absent)                     (17)
+    ShallowRenderingModel, no         Linear(weight=mu/sigma^2,    (18)
+      translation, no switch            bias=log pi - |mu|^2/2sigma^2)  (`to_linear_classifier`)
 
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +35,7 @@ from cnn_equiv.tracing import SUPPORTED, trace_chain
 from drm.config import AvgPoolSpec, ConvSpec, DenseSpec, MaxPoolSpec, SwitchSpec, as_pair
 from drm.levels import AvgPool, Classes, Conv, Dense, Flatten, Level, MaxPool, Switch
 from drm.model import DeepRenderingModel
+from drm.shallow import ShallowRenderingModel
 
 SUPPORTED_LAYERS = SUPPORTED
 _DROPPED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
@@ -326,3 +330,56 @@ def to_drm(
                 f"to_drm: input shape {shape} does not fit layer {path}: {err}"
             ) from err
     return DeepRenderingModel(shape, [level for _, level in entries], sigma2)
+
+
+# --- the shallow model -> a linear layer ------------------------------------------------------
+
+
+class LinearClassifier(NamedTuple):
+    """The weights of a linear layer: logits = x.flatten(1) @ weight.T + bias."""
+
+    weight: Tensor  # (C, D), D = C0 * H * W
+    bias: Tensor  # (C,)
+
+
+def to_linear_classifier(model: ShallowRenderingModel) -> LinearClassifier:
+    """The linear layer equal to a shallow model without translation or switch (DESIGN E7).
+
+    eq. (18): weight_c = mu_c / sigma^2 and bias_c = log pi_c - ||mu_c||^2 / (2 sigma^2), so that
+    x.flatten(1) @ weight.T + bias = `model.class_scores(x)` (both modes: with one latent
+    configuration per class, max and sum agree).
+
+    Args:
+        model: a `drm.ShallowRenderingModel` with translation="none" and no switch.
+
+    Returns:
+        `LinearClassifier(weight (C, D), bias (C,))`, detached copies.
+
+    Raises:
+        TypeError: `model` is not a ShallowRenderingModel.
+        ValueError: the model has a translation nuisance or a switch (its classifier then needs
+            max-pooling or a ReLU, not just a linear layer).
+    """
+    if not isinstance(model, ShallowRenderingModel):
+        raise TypeError(
+            f"to_linear_classifier expects a ShallowRenderingModel, got {type(model).__name__}"
+        )
+    if model.translation != "none":
+        raise ValueError(
+            f"to_linear_classifier needs translation='none', got {model.translation!r} "
+            f"(the classifier then needs max-pooling over translations)"
+        )
+    if model.switch_prior_on is not None:
+        raise ValueError(
+            "to_linear_classifier needs a model without a switch (switch_prior_on=None); "
+            "with a switch the classifier needs a ReLU"
+        )
+    num_classes, num_pixels = model.num_classes, model.num_pixels  # the shape the model implies
+    templates = model.templates.detach()
+    energy = templates.pow(2).flatten(1).sum(1) / (2 * model.sigma2)  # (C,) ||mu_c||^2 / 2sigma^2
+    weight = (templates / model.sigma2).flatten(1)  # (C, D)
+    bias = model.log_prior.detach() - energy  # (C,)
+    return LinearClassifier(
+        _copy(weight, (num_classes, num_pixels), "linear classifier weight"),
+        _copy(bias, (num_classes,), "linear classifier bias"),
+    )

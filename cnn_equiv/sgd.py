@@ -3,11 +3,14 @@
 `SGDTrainer` follows the loop shape of `drm.em.Trainer` (`step`, `end_epoch`, `current_model`), so a
 script switches between SGD and the EM algorithms only where the trainer is built.
 
-Data-parallel training: with `distributed=True` (inside an initialised torch.distributed process
-group, see `drm.distributed`) the CNN is wrapped in `DistributedDataParallel`, which averages the
-gradients over the processes. Each process weights its shard's mean loss by `share * world_size`
-(`share`: its fraction b / B of the global batch), so the average is the gradient of the whole
-batch's mean loss even when the shards are unequal.
+Data-parallel training: the keyword every trainer of the library takes, `reduce` (a
+`drm.distributed.Reduce`: a tensor -> its sum over the processes, e.g.
+`drm.distributed.all_reduce_`; None: one process), with the semantics of `drm.em.Trainer`. Each
+process weights its shard's mean loss by `share` (its fraction b / B of the global batch) and
+the gradients are summed over the processes (`drm.em.sum_gradients`, one collective) before the
+optimizer step, so every process takes the whole batch's step even when the shards are unequal,
+exactly as `drm.DiscriminativeEM` does. Every process must start from the same parameters (the
+training loop broadcasts rank 0's model, `drm.distributed.broadcast_module_`).
 
 Mixed precision: `amp="bf16"` runs the CNN's forward pass under `torch.autocast` with bfloat16
 (CPU or CUDA); the parameters, the optimizer state and the loss stay float32.
@@ -15,8 +18,6 @@ Mixed precision: `amp="bf16"` runs the CNN's forward pass under `torch.autocast`
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Framework for Deep Learning, NIPS 2016.
     Kingma, Ba, Adam: A Method for Stochastic Optimization, ICLR 2015.
-    Li et al., PyTorch Distributed: Experiences on Accelerating Data Parallel Training,
-    VLDB 2020.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ import contextlib
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 
 from cnn_equiv.mapping import to_cnn, to_drm
-from drm.em import OptimizerName, check_batch, make_optimizer
+from drm.distributed import Reduce
+from drm.em import OptimizerName, check_batch, make_optimizer, sum_gradients
 from drm.model import DeepRenderingModel
 
 AmpName = Literal["bf16"]
@@ -44,8 +44,10 @@ class SGDTrainer:
         model: the starting point; its parameters are copied into the CNN.
         optimizer: "adam" or "sgd" (with momentum 0.9).
         lr: learning rate.
-        distributed: wrap the CNN in DistributedDataParallel (needs an initialised default
-            process group; the parameters are broadcast from rank 0). False: one process.
+        reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
+            None: one process. The share-weighted gradients are summed before every optimizer
+            step, so every process takes the whole-batch step; with it, `step` accepts an empty
+            shard.
         amp: "bf16" for a bfloat16 autocast forward pass; None: the model's dtype.
     """
 
@@ -55,25 +57,16 @@ class SGDTrainer:
         optimizer: OptimizerName = "adam",
         lr: float = 1e-3,
         *,
-        distributed: bool = False,
+        reduce: Reduce | None = None,
         amp: AmpName | None = None,
     ) -> None:
         if amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
-        if distributed and not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("distributed=True needs an initialised torch.distributed group")
         self.sigma2 = float(model.sigma2)
         self.cnn = to_cnn(model)
         self.cnn.train()
         self.amp = amp
-        self.distributed = distributed
-        self.world_size = dist.get_world_size() if distributed else 1
-        self._forward: nn.Module = self.cnn
-        if distributed:
-            device = next(self.cnn.parameters()).device
-            self._forward = DistributedDataParallel(
-                self.cnn, device_ids=[device] if device.type == "cuda" else None
-            )
+        self.reduce = reduce
         self.optimizer = make_optimizer(self.cnn.parameters(), optimizer, lr)
         self._reference = model  # for input checks (shape, dtype) only
 
@@ -85,18 +78,18 @@ class SGDTrainer:
     def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
         check_batch(self._reference, x, y)
         empty = x.shape[0] == 0
-        if empty and not self.distributed:
+        if empty and self.reduce is None:
             raise ValueError("x must hold at least one image, got an empty batch")
         with self._autocast(x):
-            logits = self._forward(x)
+            logits = self.cnn(x)
         logits = logits.float() if self.amp is not None else logits
-        # an empty shard still runs forward and backward: DDP's gradient sum needs every process
+        # an empty shard still runs forward and backward: it joins the gradient sum with zeros
         loss = logits.sum() * 0.0 if empty else F.cross_entropy(logits, y)
-        # DDP averages over processes; share * world_size turns the average into the sum of
-        # share-weighted shard means, the whole batch's mean
-        weight = share * self.world_size
         self.optimizer.zero_grad(set_to_none=True)
-        (loss if weight == 1.0 else loss * weight).backward()
+        # the whole batch's mean is the sum over shards of share * the shard's mean
+        (loss if share == 1.0 else loss * share).backward()
+        if self.reduce is not None:
+            sum_gradients(list(self.cnn.parameters()), self.reduce)
         self.optimizer.step()
         return float(loss.detach())
 

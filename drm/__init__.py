@@ -45,7 +45,7 @@ from drm.model import (
 from drm.reference import exact_map, num_configurations
 from drm.sampling import Sample, sample
 from drm.semisupervised import LossWeights, SemiSupervisedEM
-from drm.shallow import ShallowRenderingModel
+from drm.shallow import ShallowConfig, ShallowRenderingModel
 from drm.shallow_em import ShallowEM
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "ModelConfig",
     "Sample",
     "SemiSupervisedEM",
+    "ShallowConfig",
     "ShallowEM",
     "ShallowRenderingModel",
     "Switch",
@@ -93,6 +94,7 @@ __all__ = [
 # only by drm.pyro_model).
 SUBMODULES = (
     "checkpoint",
+    "checks",
     "config",
     "data",
     "distributed",

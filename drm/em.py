@@ -11,15 +11,16 @@ Every trainer is driven the same way, like a torch optimizer:
 Data-parallel training (`drm.distributed`, the CLI's `torchrun` mode): every process holds a
 shard of the same global minibatch and calls `trainer.step(x_shard, y_shard, share=b / B)`, where
 `share` is the shard's fraction of the global batch (b of its B images; 1.0, the default, is the
-whole batch). Every trainer then computes the single-process update on the whole batch: the
-gradient methods weight their shard's mean loss by `share` and sum the gradients over processes
-(DDP for SGD, the `reduce` argument for discriminative EM); generative EM sums its normal
-equations (the starting residual b - A W and every Gram matrix-vector product) and its epoch
-counts; shallow EM sums its sufficient statistics before the M-step. `reduce` (a
-`drm.distributed.Reduce`: a tensor -> its sum over processes, e.g.
-`drm.distributed.all_reduce_`) defaults to None, the exact single-process behaviour. With
-`reduce`, an empty shard (b = 0, when B < the number of processes) is allowed: it contributes
-nothing, takes part in the collectives and returns 0.0.
+whole batch). Every trainer takes the same keyword for it, `reduce` (a `drm.distributed.Reduce`:
+a tensor -> its sum over processes, e.g. `drm.distributed.all_reduce_`; None, the default, is
+the exact single-process behaviour), and with it computes the single-process update on the
+whole batch: the gradient methods (SGD, discriminative and semi-supervised EM) weight their
+shard's mean loss by `share` and sum the gradients over processes (`sum_gradients`); generative
+EM sums its normal equations (the starting residual b - A W and every Gram matrix-vector
+product) and its epoch counts; shallow EM sums its sufficient statistics before the M-step.
+With `reduce`, an empty shard (b = 0, when B < the number of processes) is allowed: it
+contributes nothing, takes part in the collectives and returns 0.0. Every process must start
+from the same parameters (the training loop broadcasts rank 0's model).
 `step` returns the shard's own mean loss; the caller sums `loss * b` over processes.
 
 Algorithms (DESIGN section 5):
@@ -35,8 +36,10 @@ Algorithms (DESIGN section 5):
   optionally followed by a top-down refinement pass (`drm.refine.refine_latents`). M-step:
   with every latent fixed the rendering mu(c, z) is linear in the templates of each level, so the
   reconstruction least-squares problem for one level has a closed-form solution, computed by
-  conjugate gradients on its normal equations; the class prior, the switch priors and sigma^2 come
-  from frequencies and residuals.
+  conjugate gradients on its normal equations; the class prior and the switch priors come from
+  latent frequencies. sigma^2 is kept (it also scales the first level's rendering); the epoch's
+  mean squared residual, the maximum-likelihood sigma^2 at its latents, is reported as
+  `reconstruction_mse`.
 
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Theory of Deep Learning, arXiv:1504.00641 (2015).
@@ -63,7 +66,14 @@ OptimizerName = Literal["adam", "sgd"]
 
 
 class Trainer(Protocol):
-    """The loop shape shared by every learning algorithm of the library."""
+    """The loop shape shared by every learning algorithm of the library.
+
+    `reduce`: sums a tensor over the data-parallel processes (`drm.distributed.Reduce`); None:
+    one process. Every trainer takes it as a keyword argument of the same name and meaning (see
+    the module docstring) and reads the attribute at each step.
+    """
+
+    reduce: Reduce | None
 
     def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
         """One update on the batch x (B, C0, H, W) with labels y (B,); returns the batch loss.
@@ -253,8 +263,9 @@ class GenerativeEM:
     fraction `step_size` of the way to the solution (stochastic EM over batches). Levels are
     visited coarse to fine, `levels_per_step` of them per batch, cycling.
     M-step at the end of each epoch: log pi_c and every switch level's prior_on from the latent
-    frequencies of the epoch (the factorized prior), and an estimate of sigma^2 from the residuals
-    (reported; sigma^2 itself is kept, because it also scales the first level's rendering).
+    frequencies of the epoch (the factorized prior). sigma^2 itself is kept, because it also
+    scales the first level's rendering; `end_epoch` reports the epoch's mean squared residual as
+    `reconstruction_mse` (the maximum-likelihood sigma^2 at the epoch's latents).
     The biases (the CNN prior's switch parameters) are not part of the factorized prior and stay.
 
     Args:

@@ -79,7 +79,7 @@ def _pooled_size(size: int, kernel: int, stride: int, pad: int, dilation: int, c
     return out
 
 
-# How a unit's receptive field grows through a level, walking down (`cnn_equiv.visualize`):
+# How a unit's receptive field grows through a level, walking down (`cnn_equiv.units`):
 # "pointwise" keeps it, "window" widens it by the level's sliding `window`, "dense" makes it the
 # whole image, "flatten" turns a flat unit back into its (channel, row, column).
 FieldRule = Literal["pointwise", "window", "dense", "flatten"]

@@ -1,8 +1,10 @@
 """The shallow (one-level) rendering model and its CNN view (DESIGN statement E7).
 
-This module holds `ShallowRenderingModel`: a class c ~ pi (C classes), a translation nuisance g
-uniform over G placements, an optional switch a in {0, 1} with prior P(a = 1) = pi_on (object
-present or absent), and shared isotropic Gaussian pixel noise:
+This module holds `ShallowRenderingModel`, its architecture `ShallowConfig` (a frozen dataclass,
+the counterpart of `drm.config.ModelConfig`) and its typed results `ShallowSample` and
+`ShallowLatents`. The model: a class c ~ pi (C classes), a translation nuisance g uniform over G
+placements, an optional switch a in {0, 1} with prior P(a = 1) = pi_on (object present or
+absent), and shared isotropic Gaussian pixel noise:
 
     x = a * T_g mu_c + eps,    eps ~ N(0, sigma^2 I),    x: (C0, H, W),  D = C0 * H * W,
 
@@ -25,7 +27,9 @@ The module gives both views of the same model side by side:
   i.e. template matching (one convolution of x with mu_c / sigma^2), a bias, then
   max over a = ReLU, sum over a = softplus (with bias + log(pi_on / pi_off) inside and
   log(1 - pi_on) outside), max over g = max-pooling, sum over g = log-sum-exp, and the exact
-  posterior p(c | x) = softmax of the summed scores.
+  posterior p(c | x) = softmax of the summed scores. Without translation or switch it is one
+  linear layer, whose weights `cnn_equiv.mapping.to_linear_classifier` writes out (parameters
+  cross between the views only in that module).
 
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Theory of Deep Learning, arXiv:1504.00641 (2015).
@@ -35,15 +39,24 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ScoreMode", "ShallowRenderingModel", "Translation"]
+from drm.checks import check_count, check_index, check_real
+
+__all__ = [
+    "ScoreMode",
+    "ShallowConfig",
+    "ShallowLatents",
+    "ShallowRenderingModel",
+    "ShallowSample",
+    "Translation",
+]
 
 Translation = Literal["circular", "interior", "none"]
 ScoreMode = Literal["max", "sum"]
@@ -88,36 +101,6 @@ def _check_image(
     return x
 
 
-def _check_index(
-    t: object, name: str, upper: int, batch: int | None, device: torch.device
-) -> Tensor:
-    """Check that `t` is a (B,) long tensor with values in [0, upper) on `device`."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.long:
-        raise TypeError(f"{name} must have dtype torch.int64 (long), got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on device {t.device}, expected the model's device {device}")
-    if t.ndim != 1:
-        raise ValueError(f"{name} must have shape (B,), got {tuple(t.shape)}")
-    if batch is not None and t.shape[0] != batch:
-        raise ValueError(f"{name} has batch size {t.shape[0]}, expected B = {batch}")
-    if t.numel() > 0 and (int(t.min()) < 0 or int(t.max()) >= upper):
-        raise ValueError(
-            f"{name} must lie in [0, {upper}), got values in [{int(t.min())}, {int(t.max())}]"
-        )
-    return t
-
-
-def _check_real(value: object, name: str) -> float:
-    """Convert a real number (or a one-element tensor) to float; bools are rejected."""
-    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool:
-        return float(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def _softplus(z: Tensor) -> Tensor:
     """log(1 + exp(z)) to full precision.
 
@@ -125,6 +108,114 @@ def _softplus(z: Tensor) -> Tensor:
     exp(-20) ~ 2e-9, which is larger than the 1e-10 identities this module is tested to.
     """
     return z.clamp(min=0) + torch.log1p(torch.exp(-z.abs()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The architecture and the typed results
+# ----------------------------------------------------------------------------------------------
+
+
+def _shape3(value: object, name: str, what: str) -> tuple[int, int, int]:
+    """A sequence of 3 positive ints (not bools), as a tuple."""
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or len(value) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    ):
+        raise TypeError(f"{name} must be a sequence of 3 ints {what}, got {value!r}")
+    a, b, c = (int(s) for s in value)
+    if min(a, b, c) < 1:
+        raise ValueError(f"{name} must be positive, got {(a, b, c)}")
+    return (a, b, c)
+
+
+@dataclass(frozen=True)
+class ShallowConfig:
+    """The architecture of a `ShallowRenderingModel` (no tensors), validated on construction.
+
+    The counterpart of `drm.config.ModelConfig` for the one-level model. `to_dict` /
+    `from_dict` give the JSON form the checkpoints store.
+    """
+
+    num_classes: int  # C, the number of class templates
+    template_shape: tuple[int, int, int]  # (C0, h, w) of one template
+    image_shape: tuple[int, int, int]  # (C0, H, W) of one image
+    translation: Translation = "circular"  # the translation nuisance (module docstring)
+    switch_prior_on: float | None = None  # P(a = 1) in (0, 1), or None: no switch (a = 1)
+
+    def __post_init__(self) -> None:
+        check_count(self.num_classes, "num_classes", 1)
+        c0_t, h, w = _shape3(self.template_shape, "template_shape", "(C0, h, w)")
+        c0, H, W = _shape3(self.image_shape, "image_shape", "(C0, H, W)")
+        object.__setattr__(self, "template_shape", (c0_t, h, w))
+        object.__setattr__(self, "image_shape", (c0, H, W))
+        if not isinstance(self.translation, str):
+            raise TypeError(f"translation must be a str, got {type(self.translation).__name__}")
+        if self.translation not in _TRANSLATIONS:
+            raise ValueError(
+                f"translation must be one of {_TRANSLATIONS}, got {self.translation!r}"
+            )
+        if c0_t != c0:
+            raise ValueError(f"templates have C0 = {c0_t} channels but image_shape has C0 = {c0}")
+        if self.translation in ("circular", "none") and (h, w) != (H, W):
+            raise ValueError(
+                f"translation={self.translation!r} needs image-sized templates: template spatial "
+                f"size {(h, w)} != image (H, W) = {(H, W)}; use translation='interior' for "
+                "smaller ones"
+            )
+        if h > H or w > W:
+            raise ValueError(
+                f"templates of spatial size {(h, w)} are larger than the image (H, W) = {(H, W)}"
+            )
+        if self.switch_prior_on is not None:
+            on = check_real(self.switch_prior_on, "switch_prior_on")
+            if not 0.0 < on < 1.0:
+                raise ValueError(
+                    f"switch_prior_on must lie in the open interval (0, 1) or be None, got {on}"
+                )
+            object.__setattr__(self, "switch_prior_on", on)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (template_shape holds C first); `from_dict` inverts it."""
+        return {
+            "template_shape": [self.num_classes, *self.template_shape],
+            "image_shape": list(self.image_shape),
+            "translation": self.translation,
+            "switch_prior_on": self.switch_prior_on,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShallowConfig:
+        """Rebuild a config from `to_dict` output, validating every field."""
+        try:
+            num_classes, *template_shape = (int(s) for s in data["template_shape"])
+            return cls(
+                num_classes=num_classes,
+                template_shape=tuple(template_shape),  # type: ignore[arg-type]
+                image_shape=tuple(int(s) for s in data["image_shape"]),  # type: ignore[arg-type]
+                translation=str(data["translation"]),  # type: ignore[arg-type]
+                switch_prior_on=data["switch_prior_on"],
+            )
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"malformed shallow model config: {err}") from err
+
+
+class ShallowSample(NamedTuple):
+    """What `ShallowRenderingModel.sample` draws."""
+
+    x: Tensor  # (n, C0, H, W) images
+    classes: Tensor  # (n,) long
+    translations: Tensor  # (n,) long, g = i * Wg + j
+    switches: Tensor  # (n,) bool (all True without a switch)
+
+
+class ShallowLatents(NamedTuple):
+    """One (c, g, a) per image: the joint MAP of `ShallowRenderingModel.map_latents`."""
+
+    classes: Tensor  # (B,) long
+    translations: Tensor  # (B,) long, g = i * Wg + j
+    switches: Tensor  # (B,) bool (all True without a switch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,36 +278,15 @@ class ShallowRenderingModel(nn.Module):
             raise ValueError("templates contains NaN or infinite values")
         num_classes, c0_t, h, w = (int(s) for s in templates.shape)
 
-        if not isinstance(translation, str):
-            raise TypeError(f"translation must be a str, got {type(translation).__name__}")
-        if translation not in _TRANSLATIONS:
-            raise ValueError(f"translation must be one of {_TRANSLATIONS}, got {translation!r}")
-
         if image_shape is None:
             image_shape = (c0_t, h, w)
-        if (
-            isinstance(image_shape, (str, bytes))
-            or not isinstance(image_shape, Sequence)
-            or len(image_shape) != 3
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in image_shape)
-        ):
-            raise TypeError(
-                f"image_shape must be a sequence of 3 ints (C0, H, W), got {image_shape!r}"
-            )
-        c0, H, W = (int(s) for s in image_shape)
-        if min(c0, H, W) < 1:
-            raise ValueError(f"image_shape must be positive, got {(c0, H, W)}")
-        if c0_t != c0:
-            raise ValueError(f"templates have C0 = {c0_t} channels but image_shape has C0 = {c0}")
-        if translation in ("circular", "none") and (h, w) != (H, W):
-            raise ValueError(
-                f"translation={translation!r} needs image-sized templates: template spatial size "
-                f"{(h, w)} != image (H, W) = {(H, W)}; use translation='interior' for smaller ones"
-            )
-        if h > H or w > W:
-            raise ValueError(
-                f"templates of spatial size {(h, w)} are larger than the image (H, W) = {(H, W)}"
-            )
+        config = ShallowConfig(
+            num_classes=num_classes,
+            template_shape=(c0_t, h, w),
+            image_shape=image_shape,  # type: ignore[arg-type]  # checked by ShallowConfig
+            translation=translation,  # type: ignore[arg-type]  # checked by ShallowConfig
+            switch_prior_on=switch_prior_on,
+        )
 
         if prior_logits is None:
             prior_logits = templates.new_zeros(num_classes)
@@ -242,51 +312,56 @@ class ShallowRenderingModel(nn.Module):
         if not bool(torch.isfinite(prior_logits).all()):
             raise ValueError("prior_logits contains NaN or infinite values")
 
-        sigma2_f = _check_real(sigma2, "sigma2")
+        sigma2_f = check_real(sigma2, "sigma2")
         if not (math.isfinite(sigma2_f) and sigma2_f > 0):
             raise ValueError(f"sigma2 must be a finite positive number, got {sigma2_f}")
-
-        if switch_prior_on is not None:
-            switch_prior_on = _check_real(switch_prior_on, "switch_prior_on")
-            if not 0.0 < switch_prior_on < 1.0:
-                raise ValueError(
-                    f"switch_prior_on must lie in the open interval (0, 1) or be None, "
-                    f"got {switch_prior_on}"
-                )
 
         self.templates = nn.Parameter(templates.detach().clone())
         self.prior_logits = nn.Parameter(prior_logits.detach().clone())
         self.register_buffer(
             "sigma2", torch.tensor(sigma2_f, dtype=templates.dtype, device=templates.device)
         )
-        self.image_shape: tuple[int, int, int] = (c0, H, W)
-        self.translation: str = translation
-        self.switch_prior_on: float | None = switch_prior_on
+        self.image_shape: tuple[int, int, int] = config.image_shape
+        self.translation: Translation = config.translation
+        # learned by EM (`drm.shallow_em.ShallowEM`), hence an attribute, not only the config's
+        self.switch_prior_on: float | None = config.switch_prior_on
+
+    @classmethod
+    def from_config(
+        cls, config: ShallowConfig, dtype: torch.dtype = torch.float32
+    ) -> ShallowRenderingModel:
+        """A model of this architecture with zero templates, a uniform prior and sigma^2 = 1."""
+        if not isinstance(config, ShallowConfig):
+            raise TypeError(f"config must be a ShallowConfig, got {type(config).__name__}")
+        return cls(
+            torch.zeros((config.num_classes, *config.template_shape), dtype=dtype),
+            config.image_shape,
+            translation=config.translation,
+            switch_prior_on=config.switch_prior_on,
+        )
+
+    @property
+    def config(self) -> ShallowConfig:
+        """The architecture of this model (no tensors; sigma^2 and the class prior are
+        parameters, stored with the tensors)."""
+        return ShallowConfig(
+            num_classes=self.num_classes,
+            template_shape=self.template_shape,
+            image_shape=self.image_shape,
+            translation=self.translation,
+            switch_prior_on=self.switch_prior_on,
+        )
 
     def config_dict(self) -> dict[str, Any]:
-        """The architecture (no tensors), JSON-serialisable; `from_config_dict` inverts it."""
-        return {
-            "template_shape": [self.num_classes, *self.template_shape],
-            "image_shape": list(self.image_shape),
-            "translation": self.translation,
-            "switch_prior_on": self.switch_prior_on,
-        }
+        """`self.config.to_dict()`: JSON-serialisable; `from_config_dict` inverts it."""
+        return self.config.to_dict()
 
     @classmethod
     def from_config_dict(
         cls, config: dict[str, Any], dtype: torch.dtype = torch.float32
     ) -> ShallowRenderingModel:
-        """A model with zero templates and a uniform prior, shaped by `config_dict()` output."""
-        try:
-            shape = [int(s) for s in config["template_shape"]]
-            return cls(
-                torch.zeros(shape, dtype=dtype),
-                tuple(int(s) for s in config["image_shape"]),
-                translation=str(config["translation"]),
-                switch_prior_on=config["switch_prior_on"],
-            )
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"malformed shallow model config: {err}") from err
+        """`from_config(ShallowConfig.from_dict(config), dtype)`."""
+        return cls.from_config(ShallowConfig.from_dict(config), dtype)
 
     # ------------------------------------------------------------------------------------------
     # Sizes and derived parameters
@@ -404,9 +479,9 @@ class ShallowRenderingModel(nn.Module):
             (B, C0, H, W) rendered images.
         """
         device = self.templates.device
-        c = _check_index(classes, "classes", self.num_classes, None, device)
+        c = check_index(classes, "classes", self.num_classes, None, device)
         batch = c.shape[0]
-        g = _check_index(translations, "translations", self.num_translations, batch, device)
+        g = check_index(translations, "translations", self.num_translations, batch, device)
         a = self._check_switches(switches, batch, required=False)
         c0, H, W = self.image_shape
         _, h, w = self.template_shape
@@ -456,8 +531,8 @@ class ShallowRenderingModel(nn.Module):
         x = self._check_x(x)
         batch = x.shape[0]
         device = self.templates.device
-        c = _check_index(classes, "classes", self.num_classes, batch, device)
-        _check_index(translations, "translations", self.num_translations, batch, device)
+        c = check_index(classes, "classes", self.num_classes, batch, device)
+        check_index(translations, "translations", self.num_translations, batch, device)
         a = self._check_switches(switches, batch, required=True)
         mu = self.render(c, translations, a)
         log_px = -(x - mu).pow(2).flatten(1).sum(1) / (2 * self.sigma2) - 0.5 * self.num_pixels * (
@@ -472,9 +547,7 @@ class ShallowRenderingModel(nn.Module):
         return log_px + self.log_prior[c] - math.log(self.num_translations) + log_pa
 
     @torch.no_grad()
-    def sample(
-        self, n: int, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> ShallowSample:
         """Ancestral sampling: c ~ pi, g ~ uniform, a ~ Bernoulli(pi_on), x = a T_g mu_c + eps.
 
         Args:
@@ -482,8 +555,8 @@ class ShallowRenderingModel(nn.Module):
             generator: optional torch.Generator on the model's device, for reproducibility.
 
         Returns:
-            x (n, C0, H, W), classes (n,) long, translations (n,) long, switches (n,) bool (all
-            True for a model without a switch).
+            `ShallowSample(x (n, C0, H, W), classes (n,) long, translations (n,) long,
+            switches (n,) bool)` (switches all True for a model without a switch).
         """
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, got {type(n).__name__}")
@@ -501,7 +574,7 @@ class ShallowRenderingModel(nn.Module):
             switches = u < self.switch_prior_on
         noise = torch.randn((n, *self.image_shape), generator=generator, dtype=dtype, device=device)
         x = self.render(classes, translations, switches) + self.sigma2.sqrt() * noise
-        return x, classes, translations, switches
+        return ShallowSample(x, classes, translations, switches)
 
     # ------------------------------------------------------------------------------------------
     # The CNN view: template matching, bias, ReLU / softplus, max-pool / log-sum-exp
@@ -670,7 +743,7 @@ class ShallowRenderingModel(nn.Module):
         """
         return self.class_scores(x, "sum").logsumexp(dim=-1) - self.score_constant(x)
 
-    def map_latents(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def map_latents(self, x: Tensor) -> ShallowLatents:
         """The joint MAP (c, g, a) = argmax log p(x, c, g, a).
 
         Ties go to the first class and placement and to a = 0; when a = 0 every g ties, and g = 0.
@@ -679,8 +752,8 @@ class ShallowRenderingModel(nn.Module):
             x: (B, C0, H, W).
 
         Returns:
-            classes (B,) long, translations (B,) long, switches (B,) bool (all True without a
-            switch).
+            `ShallowLatents(classes (B,) long, translations (B,) long, switches (B,) bool)`
+            (switches all True without a switch).
         """
         z = self.preactivation(x)  # (B, C, G)
         unit = torch.relu(z) if self.switch_prior_on is not None else z
@@ -694,31 +767,4 @@ class ShallowRenderingModel(nn.Module):
             switches = z[torch.arange(batch, device=z.device), classes, translations] > 0
             # with the object absent every placement ties; report g = 0 for a canonical answer
             translations = torch.where(switches, translations, torch.zeros_like(translations))
-        return classes, translations, switches
-
-    def to_linear_classifier(self) -> tuple[Tensor, Tensor]:
-        """The equivalent linear layer (translation="none", no switch): logits = x @ W.T + b.
-
-        weight_c = mu_c / sigma^2 and bias_c = log pi_c - ||mu_c||^2 / (2 sigma^2), so that
-        x.flatten(1) @ weight.T + bias = `class_scores(x)` (DESIGN E7).
-
-        Returns:
-            weight (C, D) and bias (C,), detached copies.
-
-        Raises:
-            ValueError: the model has a translation nuisance or a switch (its classifier then
-                needs max-pooling or a ReLU, not just a linear layer).
-        """
-        if self.translation != "none":
-            raise ValueError(
-                f"to_linear_classifier needs translation='none', got {self.translation!r} "
-                f"(the classifier then needs max-pooling over translations)"
-            )
-        if self.switch_prior_on is not None:
-            raise ValueError(
-                "to_linear_classifier needs a model without a switch (switch_prior_on=None); "
-                "with a switch the classifier needs a ReLU"
-            )
-        weight = (self.templates / self.sigma2).flatten(1)
-        bias = self.log_prior - self._template_energy()
-        return weight.detach().clone(), bias.detach().clone()
+        return ShallowLatents(classes, translations, switches)

@@ -63,7 +63,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from drm.checks import check_count, check_flag, check_positive, check_real
 from drm.distributed import Reduce, reduce_together
 from drm.shallow import ShallowRenderingModel
 
@@ -91,29 +91,6 @@ _STATE_KEYS = frozenset(
 # ----------------------------------------------------------------------------------------------
 # Validation helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _check_flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    out = float(value)
-    if not (math.isfinite(out) and out > 0):
-        raise ValueError(f"{name} must be a finite positive number, got {out}")
-    return out
-
-
-def _check_count(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_points(x: object, name: str = "x") -> Tensor:
@@ -230,23 +207,22 @@ class ShallowEM:
         empty_weight: object,
     ) -> tuple[bool, bool, float, float, float]:
         """The validated (hard, supervised, min_variance, prior_floor, empty_weight)."""
-        hard_ = _check_flag(hard, "hard")
-        supervised_ = _check_flag(supervised, "supervised")
-        min_variance_ = _check_positive(min_variance, "min_variance")
-        prior_floor_ = _check_positive(prior_floor, "prior_floor")
+        hard_ = check_flag(hard, "hard")
+        supervised_ = check_flag(supervised, "supervised")
+        min_variance_ = check_positive(min_variance, "min_variance")
+        prior_floor_ = check_positive(prior_floor, "prior_floor")
         limit = 1.0 / max(model.num_classes, 2)
         if not prior_floor_ < limit:
             raise ValueError(
                 f"prior_floor must be < 1 / max(C, 2) = {limit:.4g} so the floored priors can "
                 f"sum to 1, got {prior_floor_}"
             )
-        if isinstance(empty_weight, bool) or not isinstance(empty_weight, numbers.Real):
-            raise TypeError(
-                f"empty_weight must be a real number, got {type(empty_weight).__name__}"
-            )
-        if not (math.isfinite(float(empty_weight)) and float(empty_weight) >= 0):
+        if isinstance(empty_weight, Tensor):  # check_real would take a one-element tensor
+            raise TypeError("empty_weight must be a real number, got Tensor")
+        empty_weight_ = check_real(empty_weight, "empty_weight")
+        if not (math.isfinite(empty_weight_) and empty_weight_ >= 0):
             raise ValueError(f"empty_weight must be finite and >= 0, got {empty_weight}")
-        return hard_, supervised_, min_variance_, prior_floor_, float(empty_weight)
+        return hard_, supervised_, min_variance_, prior_floor_, empty_weight_
 
     # ------------------------------------------------------------------------------------------
     # Accumulators
@@ -521,7 +497,7 @@ class ShallowEM:
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"state['stats'][{key!r}] contains NaN or inf")
             restored[key] = value.to(dtype=_STAT, device=want.device).clone()
-        epochs = _check_count(state["epochs"], "state['epochs']", 0)
+        epochs = check_count(state["epochs"], "state['epochs']", 0)
         # the constructor's checks on the flags, then commit everything at once
         options = self._check_options(
             self.model,
@@ -605,8 +581,8 @@ def kmeans(
         TypeError, ValueError: invalid arguments.
     """
     x = _check_points(x)
-    k = _check_count(k, "k", 1)
-    iterations = _check_count(iterations, "iterations", 0)
+    k = check_count(k, "k", 1)
+    iterations = check_count(iterations, "iterations", 0)
     if k > x.shape[0]:
         raise ValueError(f"k = {k} clusters need at least k points, got N = {x.shape[0]}")
     centers, _, _ = _kmeans(x, k, iterations, generator)
@@ -696,9 +672,9 @@ def init_from_kmeans(
         The initial model.
     """
     x = _check_points(x)
-    num_classes = _check_count(num_classes, "num_classes", 1)
-    iterations = _check_count(iterations, "iterations", 0)
-    min_variance = _check_positive(min_variance, "min_variance")
+    num_classes = check_count(num_classes, "num_classes", 1)
+    iterations = check_count(iterations, "iterations", 0)
+    min_variance = check_positive(min_variance, "min_variance")
     if num_classes > x.shape[0]:
         raise ValueError(
             f"num_classes = {num_classes} needs at least as many images, got N = {x.shape[0]}"
@@ -734,8 +710,8 @@ def init_from_class_means(
         The initial model.
     """
     x = _check_points(x)
-    num_classes = _check_count(num_classes, "num_classes", 1)
-    min_variance = _check_positive(min_variance, "min_variance")
+    num_classes = check_count(num_classes, "num_classes", 1)
+    min_variance = check_positive(min_variance, "min_variance")
     if not isinstance(y, Tensor) or y.dtype != torch.long:
         raise TypeError("y must be a torch.Tensor of dtype torch.int64 (long)")
     if tuple(y.shape) != (x.shape[0],):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import drm
 from cnn_equiv import to_cnn
 from drm.checkpoint import atomic_write
-from drm.data import Dataset, load_mnist
+from drm.data import load_mnist
 from drm.pyro_model import pyro_map
+from experiments._bench import interleaved, tiny_model, tiny_patches
 from experiments._cli import Parser, positive_int, run_command
 
 
@@ -54,64 +54,12 @@ def plain_lenet(widths: tuple[int, int, int], inplace: bool = False) -> nn.Seque
     )  # fmt: skip
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved(
-    candidates: dict[str, Callable[[], object]],
-    rounds: int,
-    device: torch.device,
-    warmup: int = 2,
-    repeat: dict[str, int] | None = None,
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed round-robin.
-
-    Args:
-        candidates: name -> a call to time.
-        rounds: timed rounds (each candidate once per round).
-        device: waited for (`synchronize`) before and after each timed sample.
-        warmup: untimed rounds first.
-        repeat: name -> calls per timed sample (for calls too short to time one by one).
-    """
-    repeat = repeat or {}
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for r in range(warmup + rounds):
-        for name, run in candidates.items():
-            n = repeat.get(name, 1)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(n):
-                run()
-            synchronize(device)
-            elapsed = (time.perf_counter() - start) / n
-            if r >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def time_candidates(
     candidates: dict[str, Callable[[], object]], rounds: int, device: torch.device
 ) -> dict[str, float]:
     """Interleaved medians in inference mode, waiting for the device around each call."""
     with torch.inference_mode():
         return interleaved(candidates, rounds, device)
-
-
-def tiny_model(width: int, seed: int = 0) -> drm.DeepRenderingModel:
-    """Conv(2x2, one filter) on (1, 3, width) patches: 2*(width-1) switches, then 10 classes."""
-    config = drm.ModelConfig(
-        (1, 3, width), 10, (drm.ConvSpec(1, 2), drm.SwitchSpec(), drm.FlattenSpec())
-    )
-    return drm.DeepRenderingModel.from_config(config, seed=seed, dtype=torch.float64)
-
-
-def tiny_patches(data: Dataset, width: int, n: int) -> Tensor:
-    """The (n, 1, 3, width) test-image patches `tiny_model(width)` takes (rows 12-14, columns
-    10 to 10 + width), in float64."""
-    return data.x_test[:n, :, 12:15, 10 : 10 + width].to(torch.float64)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Benchmark: the same LeNet trained by SGD, discriminative EM and generative EM, side by side.
 
-Each algorithm is one run of the training CLI (`experiments.train.main`, so every run is also a
+Each algorithm is one training run (`experiments.training.run`, so every run is also a
 resumable run directory with metrics.json and curves.png under --out): SGD (Adam) on the
 equivalent CNN; batch discriminative EM with one M-step per E-step (E9: the same algorithm as SGD)
 and with three; generative hard EM (per-level least squares). The table gives, per algorithm,
@@ -30,21 +30,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments import train
 from experiments._cli import Parser, positive_int, run_command
+from experiments.training import RunConfig, RunError, run
+from experiments.training.rundir import CHECKPOINT
 
-# (table name, run directory, arguments of experiments.train)
-ALGORITHMS: tuple[tuple[str, str, list[str]], ...] = (
-    ("SGD (Adam)", "sgd", ["--algo", "sgd"]),
-    ("DEM, 1 M-step", "dem1", ["--algo", "dem", "--m-steps", "1"]),
-    ("DEM, 3 M-steps", "dem3", ["--algo", "dem", "--m-steps", "3", "--lr", "1e-3"]),
-    ("generative EM", "gem", ["--algo", "em"]),
+# (table name, run directory, settings of its RunConfig)
+ALGORITHMS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("SGD (Adam)", "sgd", {"algo": "sgd"}),
+    ("DEM, 1 M-step", "dem1", {"algo": "dem", "m_steps": 1}),
+    ("DEM, 3 M-steps", "dem3", {"algo": "dem", "m_steps": 3, "lr": 1e-3}),
+    ("generative EM", "gem", {"algo": "em"}),
     # generative EM's reconstruction objective with the cross-entropy it lacks: the
     # semi-supervised trainer with every image labelled and no unlabelled-only terms
     (
         "reconstruction + cross-entropy",
         "gem_ce",
-        ["--algo", "ssl", "--entropy-weight", "0", "--class-balance-weight", "0"],
+        {"algo": "ssl", "entropy_weight": 0.0, "class_balance_weight": 0.0},
     ),
 )
 TARGETS = (0.98, 0.99)
@@ -72,15 +73,19 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if args.only and directory not in args.only:
             continue
         epochs = args.gem_epochs if directory.startswith("gem") else args.epochs
-        argv = ["--data", args.data, "--epochs", str(epochs), "--seed", str(args.seed),
-                "--out", str(out / directory), "--no-progress", *extra]  # fmt: skip
-        if args.threads:
-            argv += ["--threads", str(args.threads)]
-        if args.limit_train:
-            argv += ["--limit-train", str(args.limit_train)]
-        if (out / directory / train.CHECKPOINT).is_file():
-            argv.append("--resume")  # a rerun continues where an interrupted one stopped
-        result = train.main(train.parse_args(argv))
+        config = RunConfig(
+            data=args.data,
+            epochs=epochs,
+            seed=args.seed,
+            out=out / directory,
+            progress=False,
+            threads=args.threads or None,
+            limit_train=args.limit_train or None,
+            # a rerun continues where an interrupted one stopped
+            resume=(out / directory / CHECKPOINT).is_file(),
+            **extra,
+        )
+        result = run(config)
         metrics = result["metrics"]
         rows.append(
             {
@@ -145,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cli(argv: list[str] | None = None) -> int:
     """The command: the table, or one line on stderr (exit status 1)."""
-    return run_command(lambda: format_table(main(parse_args(argv))), train.RunError)
+    return run_command(lambda: format_table(main(parse_args(argv))), RunError)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Semi-supervised MNIST: the DRM's rendering path against supervised training on the same labels.
 
-Every configuration is one run of the training CLI (`experiments.train.main`: each run is a
+Every configuration is one training run (`experiments.training.run`: each run is a
 resumable run directory under --out, and rerunning the script continues where it stopped):
 
 * supervised only: the same LeNet, the same labelled batches (32 of the N labelled images per
@@ -43,14 +43,16 @@ import torch
 from drm.checkpoint import load_checkpoint
 from drm.inference import generative_scores
 from drm.semisupervised import TERMS
-from experiments import train
-from experiments._cli import Parser, positive_int, run_command
+from experiments import training
+from experiments._cli import Parser, one_line, positive_int, run_command
+from experiments.training.config import SSL_WEIGHTS, RunConfig, RunError
+from experiments.training.data import data_name, load_data
+from experiments.training.rundir import CHECKPOINT, METRICS
 
 # the semi-supervised trainer with every unlabelled term off: supervised training on the labels
-SUPERVISED = [
-    "--algo", "ssl", *[a for term in TERMS if term != "cross_entropy"
-                       for a in (f"--{term.replace('_', '-')}-weight", "0")],
-]  # fmt: skip
+SUPERVISED: dict[str, Any] = {
+    "algo": "ssl", **{f"{term}_weight": 0.0 for term in TERMS if term != "cross_entropy"},
+}  # fmt: skip
 # Published MNIST test errors with 100 labels, as (method, error %, source). None of the papers'
 # bodies was readable offline; the numbers come from secondary tables (docs/semisupervised.md).
 PUBLISHED = (
@@ -60,31 +62,35 @@ PUBLISHED = (
 )
 
 
-def run(out: Path, name: str, argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """One run of experiments.train into out/name (resumed if a checkpoint is there)."""
+def run(out: Path, name: str, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One training run with `settings` (RunConfig fields) into out/name (resumed if a
+    checkpoint is there)."""
     directory = out / name
-    argv = [*argv, "--data", args.data, "--out", str(directory), "--no-progress"]
-    if args.limit_train:
-        argv += ["--limit-train", str(args.limit_train)]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    if (directory / train.CHECKPOINT).is_file():
-        argv.append("--resume")  # a rerun continues where an interrupted one stopped
+    config = RunConfig(
+        **settings,
+        data=args.data,
+        out=directory,
+        progress=False,
+        limit_train=args.limit_train or None,
+        threads=args.threads or None,
+        # a rerun continues where an interrupted one stopped
+        resume=(directory / CHECKPOINT).is_file(),
+    )
     diverged = None
     try:
-        metrics = train.main(train.parse_args(argv))["metrics"]
-    except train.RunError as err:
+        metrics = training.run(config)["metrics"]
+    except RunError as err:
         if "the loss is" not in str(err):
             raise
         # a loss that is no longer finite (a row of the ablation can diverge): report the last
         # completed epoch, which the run directory keeps
-        diverged = train.one_line(err)
-        metrics = json.loads((directory / train.METRICS).read_text())
+        diverged = one_line(err)
+        metrics = json.loads((directory / METRICS).read_text())
         if not metrics:
             raise
     return {
         "name": name,
-        "argv": argv,
+        "settings": settings,
         "test_error": 1.0 - metrics[-1]["test_accuracy"],
         # the epoch-to-epoch spread is a few tenths of a percent: the mean of the last three
         # epochs compares short runs more fairly than the last one alone
@@ -100,8 +106,8 @@ def run(out: Path, name: str, argv: list[str], args: argparse.Namespace) -> dict
 
 def generative_accuracy(directory: Path, args: argparse.Namespace) -> float:
     """The generative classifier's accuracy on the whole test set, from the run's checkpoint."""
-    model = load_checkpoint(directory / train.CHECKPOINT).model
-    data = train.load_data(train.data_name(args.data), None, None)
+    model = load_checkpoint(directory / CHECKPOINT).model
+    data = load_data(data_name(args.data), None, None)
     correct = 0
     with torch.no_grad():
         for start in range(0, data.x_test.shape[0], 1000):
@@ -110,18 +116,18 @@ def generative_accuracy(directory: Path, args: argparse.Namespace) -> float:
     return correct / data.x_test.shape[0]
 
 
-def ablations() -> list[tuple[str, list[str]]]:
-    """(row name, extra arguments): each default term removed in turn, each optional one added."""
-    rows = [("default", [])]
-    for field in dataclasses.fields(train.SSL_WEIGHTS):
-        weight = getattr(train.SSL_WEIGHTS, field.name)
-        option = f"--{field.name.replace('_', '-')}-weight"
+def ablations() -> list[tuple[str, dict[str, float]]]:
+    """(row name, extra settings): each default term removed in turn, each optional one added."""
+    rows: list[tuple[str, dict[str, float]]] = [("default", {})]
+    for field in dataclasses.fields(SSL_WEIGHTS):
+        weight = getattr(SSL_WEIGHTS, field.name)
+        option = f"{field.name}_weight"
         if field.name == "cross_entropy":
             continue  # the labels are what makes it semi-supervised
         if weight > 0:
-            rows.append((f"without {field.name.replace('_', ' ')}", [option, "0"]))
+            rows.append((f"without {field.name.replace('_', ' ')}", {option: 0.0}))
         else:
-            rows.append((f"with {field.name.replace('_', ' ')} (weight 1)", [option, "1"]))
+            rows.append((f"with {field.name.replace('_', ' ')} (weight 1)", {option: 1.0}))
     return rows
 
 
@@ -144,23 +150,23 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         for kind in ("supervised", "ssl"):
             runs = []
             for seed in range(args.draws):
-                common = ["--labels", str(labels), "--seed", str(seed)]
+                common = {"labels": labels, "seed": seed}
                 if kind == "supervised":
-                    argv = [*SUPERVISED, *common, "--epochs", str(args.supervised_epochs)]
+                    settings = {**SUPERVISED, **common, "epochs": args.supervised_epochs}
                 else:
-                    argv = ["--algo", "ssl", *common]
+                    settings = {"algo": "ssl", **common}
                     if args.epochs:
-                        argv += ["--epochs", str(args.epochs)]
-                runs.append(run(out, f"{kind}-{labels}-draw{seed}", argv, args))
+                        settings["epochs"] = args.epochs
+                runs.append(run(out, f"{kind}-{labels}-draw{seed}", settings, args))
             table.append({"labels": labels, "kind": kind, "runs": runs, **summary(runs)})
     ablation = []
     if args.ablation:
         labels = args.labels[0]
         for name, extra in ablations():
-            argv = ["--algo", "ssl", "--labels", str(labels), "--seed", "0", "--epochs",
-                    str(args.ablation_epochs), *extra]  # fmt: skip
+            settings = {"algo": "ssl", "labels": labels, "seed": 0,
+                        "epochs": args.ablation_epochs, **extra}  # fmt: skip
             slug = name.replace(" ", "-").replace("(", "").replace(")", "")
-            ablation.append({"row": name, **run(out, f"ablation-{labels}-{slug}", argv, args)})
+            ablation.append({"row": name, **run(out, f"ablation-{labels}-{slug}", settings, args)})
     return {"data": args.data, "out": str(out), "table": table, "ablation": ablation}
 
 
@@ -247,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cli(argv: list[str] | None = None) -> int:
     """The command: the table, or one line on stderr (exit status 1)."""
-    return run_command(lambda: format_table(main(parse_args(argv))), train.RunError)
+    return run_command(lambda: format_table(main(parse_args(argv))), RunError)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Attacks on the CNN and the DRM's view of the attacked images (`cnn_equiv.attacks`).
+"""Attacks on the CNN and the DRM's view of the attacked images (`cnn_equiv.attacks`,
+`cnn_equiv.detection`).
 
 Oracles: autograd through the torch CNN (`to_cnn`) for the FGSM step and the rendering (E6); a
 hand computation of the effective weight matrix of a linear model for the template attack and its
@@ -21,17 +22,19 @@ from torch import nn
 import drm
 from cnn_equiv import to_cnn, to_drm
 from cnn_equiv.attacks import (
-    DETECTION_STATISTICS,
-    default_attacks,
-    detection_auc,
-    detection_report,
-    drm_view,
     fgsm,
     fool_with_template,
     fooling_images,
     iterative_attack,
     minimal_template_alpha,
     template_direction,
+)
+from cnn_equiv.detection import (
+    DETECTION_STATISTICS,
+    default_attacks,
+    detection_auc,
+    detection_report,
+    drm_view,
 )
 from drm import DenseSpec, FlattenSpec, ModelConfig
 from drm.data import Dataset, load_digits

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from experiments import compare_views
+from experiments.training.rundir import CHECKPOINT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -181,7 +182,7 @@ def test_the_report_uses_the_data_of_the_run(tmp_path: Path) -> None:
     result = compare_views.main(compare_views.parse_args(argv))
     page = Path(str(result["page"])).read_text()
     assert "mirrored.npz test images" in page
-    model = drm.load_model(run / train.CHECKPOINT)
+    model = drm.load_model(run / CHECKPOINT)
     pool = compare_views.SIZES["smoke"]["rendering_pool"]
     x, y = digits.x_test.flip(-1)[:pool].to(model.dtype), digits.y_test[:pool]
     with torch.no_grad():  # oracle: the accuracy on the user's (mirrored) images

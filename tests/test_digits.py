@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import drm
-from cnn_equiv import compare_views, record_latents, to_drm
+from cnn_equiv import comparison_report, record_latents, to_drm
 from drm.data import load_digits
 from tests.architectures import TINY_ARCHITECTURES, build, fit_digits
 
@@ -72,7 +72,7 @@ def test_identities_on_real_digits(trained: tuple[nn.Sequential, drm.data.Datase
     (grad,) = torch.autograd.grad(cnn(xg).gather(1, data.y_test[:300, None]).sum(), xg)
     rendered = drm.render(model, data.y_test[:300], latents).detach()
     torch.testing.assert_close(rendered / 0.1, grad, atol=IDENTITY_TOL, rtol=0)
-    report = compare_views(model, x, cnn=cnn)
+    report = comparison_report(model, x, cnn=cnn)
     assert report.prediction_agreement == 1.0 and report.max_abs_logit_difference < IDENTITY_TOL
 
 

@@ -1,8 +1,9 @@
 """Data-parallel training: N processes make the one-process update of the union of their shards.
 
 Oracles:
-* in one process, float64: every EM trainer run as several "ranks" in threads whose `reduce`
-  sums over the threads, against one trainer on the whole batch (unequal and empty shards);
+* in one process, float64: every trainer (SGD and EM) run as several "ranks" in threads whose
+  `reduce` sums over the threads, against one trainer on the whole batch (unequal and empty
+  shards);
 * the real command, float32: `torchrun --nproc_per_node 2 -m experiments.train` against the
   one-process run of the same arguments, for sgd, dem, deep em and shallow em, with a global
   batch of 15 (shards of 8 and 7) and a last batch of one image (an empty shard);
@@ -41,6 +42,7 @@ from drm.em import DiscriminativeEM, GenerativeEM, sum_gradients
 from drm.semisupervised import UNLABELLED, LossWeights, SemiSupervisedEM
 from drm.shallow_em import ShallowEM
 from experiments import train
+from experiments.training import launch
 from tests.architectures import ARCHITECTURES, TRAIN_ALGORITHMS, build, images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,8 +97,8 @@ def test_helpers_without_a_process_group_are_one_process() -> None:
         distributed.init(torch.device("cpu"), 10.0)
 
 
-def test_one_process_group_and_ddp_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A gloo group of one (torchrun --nproc_per_node 1): the helpers and DDP are exact."""
+def test_one_process_group_and_its_reduce_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gloo group of one (torchrun --nproc_per_node 1): the helpers and `reduce` are exact."""
     for name, value in {
         "RANK": "0",
         "WORLD_SIZE": "1",
@@ -112,7 +114,7 @@ def test_one_process_group_and_ddp_change_nothing(monkeypatch: pytest.MonkeyPatc
         assert distributed.gather_errors(None) == [None]
         config = ARCHITECTURES["leaky"]
         plain = SGDTrainer(build(config, seed=5), lr=0.05)
-        wrapped = SGDTrainer(build(config, seed=5), lr=0.05, distributed=True)
+        wrapped = SGDTrainer(build(config, seed=5), lr=0.05, reduce=distributed.all_reduce_)
         for batch in range(3):
             x = images(plain._reference, 8, seed=6 + batch)
             y = torch.arange(8) % 3
@@ -230,6 +232,25 @@ def test_discriminative_em_shards_sum_to_the_whole_batch(optimizer: str) -> None
     sharded(ranks, data, epochs=2)
     assert_same_parameters(one.model, ranks, THREADS_F64_TOL)
     changed = (one.model.levels[0].weight - model.levels[0].weight).detach()
+    assert float(changed.abs().max()) > 1e-3  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_sgd_shards_sum_to_the_whole_batch(optimizer: str) -> None:
+    """SGD takes the same `reduce` as the EM trainers, with the same meaning."""
+    model = build(ARCHITECTURES["leaky"], seed=41)
+    data: list[tuple[Tensor, Tensor | None]] = list(batches(model, seed=42))
+    one = SGDTrainer(copy.deepcopy(model), optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
+    ranks = [SGDTrainer(copy.deepcopy(model), optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
+             for _ in range(3)]  # fmt: skip
+    whole(one, data, epochs=2)
+    sharded(ranks, data, epochs=2)
+    for rank in ranks:
+        for (name, a), b in zip(
+            one.cnn.state_dict().items(), rank.cnn.state_dict().values(), strict=True
+        ):
+            torch.testing.assert_close(a, b, atol=THREADS_F64_TOL, rtol=THREADS_F64_TOL, msg=name)
+    changed = (one.current_model().levels[0].weight - model.levels[0].weight).detach()
     assert float(changed.abs().max()) > 1e-3  # the comparison is not vacuous
 
 
@@ -356,6 +377,7 @@ def test_an_empty_shard_needs_a_reduce() -> None:
         with pytest.raises(ValueError, match="empty batch"):
             trainer.step(empty_x, empty_y)
     assert GenerativeEM(model, reduce=lambda t: t).step(empty_x, empty_y, share=0.0) == 0.0
+    assert SGDTrainer(model, reduce=lambda t: t).step(empty_x, empty_y, share=0.0) == 0.0
 
 
 # --- the command under torchrun (float32) ----------------------------------------------------
@@ -431,9 +453,10 @@ def test_two_processes_make_the_one_process_run(
 FAULT = """
 import os, signal, sys, time
 import experiments.train as train
+from experiments.training import loop
 
 how = sys.argv[1]
-real = train.train_epoch
+real = loop.train_epoch
 
 def faulty(trainer, data, args, epoch, *rest):
     if epoch == 2 and os.environ["RANK"] == "1":
@@ -442,7 +465,7 @@ def faulty(trainer, data, args, epoch, *rest):
         time.sleep(600)
     return real(trainer, data, args, epoch, *rest)
 
-train.train_epoch = faulty
+loop.train_epoch = faulty
 code = train.cli(sys.argv[2:])
 sys.stdout.flush()
 sys.stderr.flush()
@@ -537,7 +560,7 @@ def test_the_sigterm_handler_raises_once() -> None:
     before = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(train.Terminated):
-            train._terminate(signal.SIGTERM, None)
+            launch.on_sigterm(signal.SIGTERM, None)
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)

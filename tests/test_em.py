@@ -159,8 +159,12 @@ def test_generative_em_priors_are_latent_frequencies() -> None:
         latents = drm.max_sum(model, x)[1]  # the E-step the trainer will take (before updates)
     on = latents[1]
     assert on is not None
-    trainer.step(x, y)
+    mse = trainer.step(x, y)
     summary = trainer.end_epoch()
+    # each number once: the learned priors and the mean squared residual (sigma^2 is kept)
+    switches = [i for i, level in enumerate(model.levels) if isinstance(level, drm.Switch)]
+    assert set(summary) == {f"prior_on_level{i}" for i in switches} | {"reconstruction_mse"}
+    assert summary["reconstruction_mse"] == pytest.approx(mse, rel=1e-12)
     expected = torch.tensor([21 / 33, 8 / 33, 4 / 33], dtype=torch.float64).log()
     torch.testing.assert_close(model.class_log_prior, expected, atol=1e-12, rtol=0)
     assert summary["prior_on_level1"] == pytest.approx(float(on.double().mean()), abs=1e-12)

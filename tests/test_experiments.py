@@ -78,7 +78,7 @@ def test_bench_all_flop_count_matches_torch_flop_counter(config: dict[str, objec
     from torch.utils.flop_counter import FlopCounterMode
 
     from cnn_equiv import to_cnn
-    from experiments.bench_all import flops_per_image, lenet
+    from experiments._bench import flops_per_image, lenet
 
     model = lenet(torch.device("cpu"), **config)
     batch = 3
@@ -106,18 +106,19 @@ def test_semisupervised_reports_a_diverged_run_by_its_last_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A loss that stops being finite in epoch 2 (an ablation row can): epoch 1 is reported."""
-    from experiments import semisupervised, train
+    from experiments import semisupervised
+    from experiments.training import RunError, loop
 
-    real = train.train_epoch
+    real = loop.train_epoch
 
     def failing(*args: object, **kwargs: object) -> object:
         if args[3] == 2:  # the epoch
-            raise train.RunError("epoch 2, step 1: the loss is nan; try a lower --lr")
+            raise RunError("epoch 2, step 1: the loss is nan; try a lower --lr")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(train, "train_epoch", failing)
+    monkeypatch.setattr(loop, "train_epoch", failing)
     args = semisupervised.parse_args(["--smoke"])
-    result = semisupervised.run(tmp_path, "run", ["--algo", "ssl", "--epochs", "2"], args)
+    result = semisupervised.run(tmp_path, "run", {"algo": "ssl", "epochs": 2}, args)
     assert result["diverged"] is not None and "loss is nan" in result["diverged"]
     assert result["epochs"] == 1
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

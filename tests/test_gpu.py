@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import drm
-from cnn_equiv import compare_views, to_cnn
+from cnn_equiv import comparison_report, to_cnn
 from tests.architectures import ARCHITECTURES, TINY_ARCHITECTURES, build, images
 
 pytestmark = pytest.mark.gpu
@@ -45,6 +45,6 @@ def test_exact_map_on_cuda_matches_the_cpu(name: str) -> None:
     cpu, _ = drm.exact_map(model, x)
     gpu, _ = drm.exact_map(model.cuda(), x.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, atol=GPU_FLOAT64_TOL, rtol=0)
-    report = compare_views(model, x.cuda())
+    report = comparison_report(model, x.cuda())
     assert report.inference_gap is not None
     assert float(report.inference_gap.abs().max()) <= GPU_FLOAT64_TOL

@@ -259,3 +259,20 @@ def test_slicing_the_equivalent_cnn_gives_its_layers() -> None:
     with torch.no_grad():
         torch.testing.assert_close(cnn[3:](head(x)), cnn(x), atol=ROUND_TRIP_TOL, rtol=0)
     assert isinstance(cnn[0], nn.Conv2d)
+
+
+def test_a_parameter_of_the_wrong_shape_is_refused_by_name() -> None:
+    """Every copy is checked against the shape the spec and the bound input imply, not against
+    the tensor's own shape: a weight resized behind a level's back is refused, never copied."""
+    dense_model = build(ARCHITECTURES["dense-only"], seed=3)
+    dense = dense_model.levels[1]  # Dense(8) on the flattened (1, 4, 5) image: (8, 20)
+    dense.weight.data = torch.zeros(8, 21, dtype=dense.weight.dtype)
+    with pytest.raises(ValueError, match=r"Dense weight has shape \(8, 21\), expected \(8, 20\)"):
+        to_cnn(dense_model)
+    conv_model = build(ARCHITECTURES["dilation-groups"], seed=3)
+    conv = conv_model.levels[0]  # Conv(6, 3, groups=2) on 4 channels: (6, 2, 3, 3)
+    conv.weight.data = torch.zeros(6, 4, 3, 3, dtype=conv.weight.dtype)
+    with pytest.raises(
+        ValueError, match=r"Conv weight has shape \(6, 4, 3, 3\), expected \(6, 2, 3, 3\)"
+    ):
+        to_cnn(conv_model)

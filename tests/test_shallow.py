@@ -8,6 +8,7 @@ max-pool computation for the CNN view, and Pyro's exact enumeration (`TraceEnum_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -20,7 +21,8 @@ from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, infer_discrete
 from torch import Tensor
 
-from drm.shallow import ShallowRenderingModel
+from cnn_equiv.mapping import to_linear_classifier
+from drm.shallow import ShallowConfig, ShallowLatents, ShallowRenderingModel, ShallowSample
 from tests.architectures import brute_log_joint
 
 DTYPE = torch.float64
@@ -201,7 +203,7 @@ def test_map_latents_achieve_brute_force_max(translation: str, prior_on: float |
 def test_no_translation_no_switch_is_a_linear_layer() -> None:
     model = make_model("none", None)
     x = make_images(model)
-    weight, bias = model.to_linear_classifier()
+    weight, bias = to_linear_classifier(model)
     mu = model.templates.detach().flatten(1)
     torch.testing.assert_close(weight, mu / SIGMA2, rtol=0, atol=IDENTITY_TOL)
     log_pi = torch.log_softmax(model.prior_logits.detach(), dim=-1)
@@ -406,6 +408,30 @@ def test_sample_is_reproducible_and_all_on_without_switch() -> None:
     assert not first[0].requires_grad
 
 
+def test_results_are_named_and_the_config_rebuilds_the_architecture() -> None:
+    model = make_model("interior", PRIOR_ON)
+    draw = model.sample(3, generator=torch.Generator().manual_seed(8))
+    assert isinstance(draw, ShallowSample) and draw.switches is draw[3]
+    with torch.no_grad():
+        latents = model.map_latents(draw.x)
+    assert isinstance(latents, ShallowLatents) and latents.classes is latents[0]
+    config = model.config
+    assert config == ShallowConfig(NUM_CLASSES, (C0, *INTERIOR_TEMPLATE), (C0, H, W),
+                                   "interior", PRIOR_ON)  # fmt: skip
+    assert ShallowConfig.from_dict(config.to_dict()) == config == model.config
+    assert model.config_dict() == config.to_dict()
+    rebuilt = ShallowRenderingModel.from_config(config, dtype=DTYPE)
+    assert rebuilt.config == config and not bool(rebuilt.templates.any())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.translation = "none"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="malformed shallow model config"):
+        ShallowConfig.from_dict({"template_shape": [2, 1, 3, 3]})
+    with pytest.raises(ValueError, match="larger than the image"):
+        ShallowConfig(2, (1, 9, 9), (1, 4, 4), "interior")
+    with pytest.raises(TypeError, match="config must be a ShallowConfig"):
+        ShallowRenderingModel.from_config(config.to_dict())  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad inputs
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +532,8 @@ def test_bad_latents_are_rejected() -> None:
     with pytest.raises(ValueError, match="this model has no switch"):
         no_switch.log_joint(x, c, g, a)
     with pytest.raises(ValueError, match="to_linear_classifier needs translation='none'"):
-        no_switch.to_linear_classifier()
+        to_linear_classifier(no_switch)
     with pytest.raises(ValueError, match="to_linear_classifier needs a model without a switch"):
-        make_model("none", PRIOR_ON).to_linear_classifier()
+        to_linear_classifier(make_model("none", PRIOR_ON))
+    with pytest.raises(TypeError, match="expects a ShallowRenderingModel, got Linear"):
+        to_linear_classifier(torch.nn.Linear(2, 2))  # type: ignore[arg-type]

@@ -29,7 +29,14 @@ from drm.refine import inference_gap_lower_bound
 from drm.semisupervised import ON_DEMAND, TERMS
 from drm.shallow import ShallowRenderingModel
 from experiments import train
-from experiments.train import SSL_WEIGHTS
+from experiments.training import RunConfig
+from experiments.training import run as run_training
+from experiments.training.config import SSL_WEIGHTS
+from experiments.training.data import check_same_data, load_data
+from experiments.training.evaluation import GAP_SWEEPS, cluster_labels
+from experiments.training.loop import check_finite, minibatches, semisupervised_batches
+from experiments.training.rundir import CHECKPOINT, CONFIG, METRICS, PREVIOUS
+from experiments.training.trainers import build_trainer
 from tests.architectures import ARCHITECTURES, TRAIN_ALGORITHMS, single_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +108,7 @@ def test_algorithm_runs_end_to_end(tmp_path: Path, algo: list[str]) -> None:
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["args"]["algo"] == algo[1]
     model = checkpoint.model
-    data = train.load_data("digits", 160, 100)
+    data = load_data("digits", 160, 100)
     if isinstance(model, ShallowRenderingModel):
         assert "shallow" in algo and config["model"]["kind"] == "shallow"
         assert model.config_dict() == config["model"]["config"]
@@ -131,15 +138,15 @@ def test_sgd_learns_the_digits(tmp_path: Path) -> None:
 
 
 def test_unsupervised_clusters_are_scored_by_their_majority_label(tmp_path: Path) -> None:
-    data = train.load_data("digits", None, None)
+    data = load_data("digits", None, None)
     means = torch.stack([data.x_train[data.y_train == c].mean(0) for c in range(10)])
     model = ShallowRenderingModel(means, translation="none", sigma2=0.05)
     # oracle: templates that are the class means form clusters whose majority label is the class
-    assert torch.equal(train.cluster_labels(model, data.x_train, data.y_train, 500),
+    assert torch.equal(cluster_labels(model, data.x_train, data.y_train, 500),
                        torch.arange(10))  # fmt: skip
     shuffled = ShallowRenderingModel(means[torch.tensor([3, 1, 4, 0, 5, 9, 2, 6, 8, 7])],
                                      translation="none", sigma2=0.05)  # fmt: skip
-    assert torch.equal(train.cluster_labels(shuffled, data.x_train, data.y_train, 500),
+    assert torch.equal(cluster_labels(shuffled, data.x_train, data.y_train, 500),
                        torch.tensor([3, 1, 4, 0, 5, 9, 2, 6, 8, 7]))  # fmt: skip
     result = run(tmp_path, "--algo", "em", "--model", "shallow", "--unsupervised")
     assert 0.2 < result["final"]["test_accuracy"] <= 1.0  # clusters of digits beat chance (0.1)
@@ -203,12 +210,12 @@ def test_refine_sweeps_trains_a_deep_em_run_and_is_refused_elsewhere(
 
 
 def test_minibatch_order_depends_only_on_seed_and_epoch() -> None:
-    a = train.minibatches(100, 32, seed=3, epoch=2)
+    a = minibatches(100, 32, seed=3, epoch=2)
     assert [len(b) for b in a] == [32, 32, 32, 4]
     assert torch.equal(torch.cat(a).sort().values, torch.arange(100))
-    assert all(torch.equal(u, v) for u, v in zip(a, train.minibatches(100, 32, 3, 2), strict=True))
-    assert not torch.equal(torch.cat(a), torch.cat(train.minibatches(100, 32, 3, 1)))
-    assert not torch.equal(torch.cat(a), torch.cat(train.minibatches(100, 32, 4, 2)))
+    assert all(torch.equal(u, v) for u, v in zip(a, minibatches(100, 32, 3, 2), strict=True))
+    assert not torch.equal(torch.cat(a), torch.cat(minibatches(100, 32, 3, 1)))
+    assert not torch.equal(torch.cat(a), torch.cat(minibatches(100, 32, 4, 2)))
 
 
 def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path) -> None:
@@ -227,12 +234,29 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "config.json").read_text())["args"]["seed"] == 1
 
 
+def test_a_run_config_is_the_command_line(tmp_path: Path) -> None:
+    """The library call `run(RunConfig(...))` is the command's run: same settings, same run."""
+    argv = [*SMALL, "--algo", "ssl", "--labels", "50", "--epochs", "1", "--no-progress"]
+    parsed = train.parse_args([*argv, "--out", str(tmp_path / "cli")])
+    built = RunConfig(data="digits", limit_train=160, limit_test=100, batch_size=32, algo="ssl",
+                      labels=50, epochs=1, progress=False, out=tmp_path / "library")  # fmt: skip
+    assert built == parsed.replace(out=tmp_path / "library")
+    assert built.lr == 1e-3 and built.entropy_weight == SSL_WEIGHTS.entropy  # ssl's defaults
+    train.main(parsed)
+    run_training(built)
+    assert_same_run(tmp_path / "cli", tmp_path / "library")
+    with pytest.raises(ValueError, match="--amp applies to --algo sgd"):
+        RunConfig(algo="dem", amp="bf16", smoke=True)
+    with pytest.raises(ValueError, match="--entropy-weight applies to --algo ssl"):
+        RunConfig(algo="sgd", entropy_weight=1.0, out=tmp_path)
+
+
 # --- --labels and the semi-supervised algorithm ----------------------------------------------
 
 
 def test_semisupervised_batches_pair_every_image_with_labelled_ones() -> None:
     labelled = torch.tensor([3, 8, 20, 41, 77])
-    batches = train.semisupervised_batches(100, labelled, 32, 4, seed=5, epoch=2)
+    batches = semisupervised_batches(100, labelled, 32, 4, seed=5, epoch=2)
     assert len(batches) == 4  # one pass over the 100 images as unlabelled ones
     unlabelled = torch.cat([index[~known] for index, known in batches])
     assert torch.equal(unlabelled.sort().values, torch.arange(100))  # labelled ones included
@@ -241,14 +265,14 @@ def test_semisupervised_batches_pair_every_image_with_labelled_ones() -> None:
     assert set(stream.tolist()) <= set(labelled.tolist())
     counts = torch.bincount(stream, minlength=100)[labelled]
     assert int(counts.max() - counts.min()) <= 1  # permutations of the labelled set, in turn
-    again = train.semisupervised_batches(100, labelled, 32, 4, seed=5, epoch=2)
+    again = semisupervised_batches(100, labelled, 32, 4, seed=5, epoch=2)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, again, strict=True))
 
 
 def test_labelled_subset_is_balanced_seeded_and_saved(tmp_path: Path) -> None:
     run(tmp_path / "a", "--algo", "ssl", "--labels", "50", epochs=1)
     saved = json.loads((tmp_path / "a" / "labelled.json").read_text())
-    data = train.load_data("digits", 160, 100)
+    data = load_data("digits", 160, 100)
     indices = torch.tensor(saved["indices"])
     assert saved["labels"] == 50 and len(indices) == 50 and saved["seed"] == 0
     assert torch.bincount(data.y_train[indices], minlength=10).tolist() == [5] * 10
@@ -268,7 +292,7 @@ def test_supervised_baselines_train_on_the_labelled_images_alone(tmp_path: Path)
     """Oracle: the same run on an .npz that holds only the labelled images."""
     run(tmp_path / "labels", "--labels", "50", epochs=2)
     indices = json.loads((tmp_path / "labels" / "labelled.json").read_text())["indices"]
-    data = train.load_data("digits", 160, 100)
+    data = load_data("digits", 160, 100)
     path = tmp_path / "subset.npz"
     np.savez(path, x_train=data.x_train[indices].numpy(), y_train=data.y_train[indices].numpy(),
              x_test=data.x_test.numpy(), y_test=data.y_test.numpy())  # fmt: skip
@@ -289,10 +313,10 @@ def test_ssl_records_every_term_and_the_generative_view(tmp_path: Path) -> None:
             assert math.isfinite(record[f"train_{term}"]), term
     assert record["steps"] == 5  # 160 unlabelled images in batches of 32
     model = load_checkpoint(tmp_path / "model.safetensors").model
-    data = train.load_data("digits", 160, 100)
+    data = load_data("digits", 160, 100)
     with torch.no_grad():  # oracle: the library's generative classifier on the same images
         predicted = generative_scores(model, data.x_test).argmax(1)
-        gaps = inference_gap_lower_bound(model, data.x_test, max_sweeps=train.GAP_SWEEPS)
+        gaps = inference_gap_lower_bound(model, data.x_test, max_sweeps=GAP_SWEEPS)
     assert record["test_generative_accuracy"] == float((predicted == data.y_test).double().mean())
     assert record["test_inference_gap"] == pytest.approx(float(gaps.double().mean()), rel=1e-5)
     assert record["test_inference_gap"] >= 0
@@ -300,7 +324,7 @@ def test_ssl_records_every_term_and_the_generative_view(tmp_path: Path) -> None:
 
 def test_resume_refuses_changed_data(tmp_path: Path) -> None:
     """The run is bound to its data: the .npz rewritten between epochs is refused, by name."""
-    data = train.load_data("digits", 160, 100)
+    data = load_data("digits", 160, 100)
     path = tmp_path / "data.npz"
     arrays = {"x_train": data.x_train.numpy(), "y_train": data.y_train.numpy(),
               "x_test": data.x_test.numpy(), "y_test": data.y_test.numpy()}  # fmt: skip
@@ -315,7 +339,7 @@ def test_resume_refuses_changed_data(tmp_path: Path) -> None:
         argv = ["--data", str(path), "--algo", "ssl", "--labels", "50", "--no-progress", "--out",
                 str(out)]  # fmt: skip
         train.main(train.parse_args([*argv, "--epochs", "1"]))
-        stored = json.loads((out / train.CONFIG).read_text())["data"]
+        stored = json.loads((out / CONFIG).read_text())["data"]
         assert stored["source"] == "file" and len(stored["sha256"]) == 64
         before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
         np.savez(path, **{**arrays, **change})
@@ -327,13 +351,13 @@ def test_resume_refuses_changed_data(tmp_path: Path) -> None:
 
 def test_runs_record_the_bundled_data_source(tmp_path: Path) -> None:
     run(tmp_path / "r", epochs=1)
-    stored = json.loads((tmp_path / "r" / train.CONFIG).read_text())["data"]
+    stored = json.loads((tmp_path / "r" / CONFIG).read_text())["data"]
     assert stored["source"].startswith("scikit-learn ") and "sha256" not in stored
     assert stored["num_classes"] == 10 and stored["image_shape"] == [1, 8, 8]
     # a version change of the package that ships the data is a change of data
     config = dict(stored, source="scikit-learn 0.0")
     with pytest.raises(train.RunError, match=r"source 'scikit-learn 0.0' \(stored\)"):
-        train.check_same_data(config, stored, tmp_path / "r")
+        check_same_data(config, stored, tmp_path / "r")
 
 
 @pytest.mark.parametrize(
@@ -364,10 +388,10 @@ def test_the_class_balance_target_reaches_the_trainer_and_binds_the_run(tmp_path
     argv = ["--algo", "ssl", "--labels", "50", "--class-balance-target", "prior"]
     run(tmp_path, *argv, epochs=1)
     args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
-    model = load_checkpoint(tmp_path / train.CHECKPOINT).model
-    assert train.build_trainer(args, model).balance_target == "prior"
+    model = load_checkpoint(tmp_path / CHECKPOINT).model
+    assert build_trainer(args, model).balance_target == "prior"
     default = train.parse_args([*SMALL, "--algo", "ssl", "--out", str(tmp_path)])
-    assert train.build_trainer(default, model).balance_target == "uniform"
+    assert build_trainer(default, model).balance_target == "uniform"
     with pytest.raises(train.RunError, match="--class-balance-target 'prior' .stored. vs 'unif"):
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
 
@@ -386,7 +410,7 @@ def test_an_ssl_run_from_before_the_uniform_default_resumes_with_its_prior_targe
     with pytest.raises(train.RunError, match="--class-balance-target 'prior' .stored. vs 'unif"):
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
     run(tmp_path, *argv, "--resume", epochs=2)
-    assert len(json.loads((tmp_path / train.METRICS).read_text())) == 2
+    assert len(json.loads((tmp_path / METRICS).read_text())) == 2
 
 
 # --- one-line errors -------------------------------------------------------------------------
@@ -412,7 +436,7 @@ def test_bad_data_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_stray_labels_need_num_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A stray label 10 in a 10-class set: refused in one line; --num-classes 11 accepts it."""
-    data = train.load_data("digits", None, None)
+    data = load_data("digits", None, None)
     y_train = data.y_train.numpy().copy()
     y_train[5] = 10
     path = tmp_path / "stray.npz"
@@ -421,11 +445,11 @@ def test_stray_labels_need_num_classes(tmp_path: Path, capsys: pytest.CaptureFix
     argv = ["--data", str(path), "--epochs", "1", "--limit-test", "50"]
     line = cli_error(capsys, [*argv, "--out", str(tmp_path / "a")])
     assert "stray labels: 10 (1 training images)" in line and "--num-classes" in line
-    assert not (tmp_path / "a" / train.CHECKPOINT).exists()
+    assert not (tmp_path / "a" / CHECKPOINT).exists()
     run(tmp_path / "b", "--data", str(path), "--num-classes", "11", epochs=1)
-    assert load_checkpoint(tmp_path / "b" / train.CHECKPOINT).model.num_classes == 11
+    assert load_checkpoint(tmp_path / "b" / CHECKPOINT).model.num_classes == 11
     with pytest.raises(ValueError, match=r"labels 9 lie outside \[0, 9\)"):
-        train.load_data("digits", None, None, num_classes=9)
+        load_data("digits", None, None, num_classes=9)
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(
@@ -436,13 +460,13 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(
     line = cli_error(capsys, [*SMALL, "--lr", "1e30", "--epochs", "2", "--out",
                               str(tmp_path / "huge")])  # fmt: skip
     assert "try a lower --lr" in line
-    assert not (tmp_path / "huge" / train.CHECKPOINT).exists()
+    assert not (tmp_path / "huge" / CHECKPOINT).exists()
     model = drm.DeepRenderingModel.from_config(ARCHITECTURES["leaky"], seed=1)
-    train.check_finite(model, 3)  # finite: nothing to say
+    check_finite(model, 3)  # finite: nothing to say
     with torch.no_grad():
         next(model.parameters())[0] = float("nan")
     with pytest.raises(train.RunError, match="no longer finite .*epoch 2 is kept"):
-        train.check_finite(model, 3)
+        check_finite(model, 3)
 
 
 def test_resume_mismatch_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -507,16 +531,16 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(
     run(tmp_path / "straight", epochs=3)
     out = tmp_path / "damaged"
     run(out, epochs=2)
-    assert load_checkpoint(out / train.PREVIOUS).metadata["epoch"] == "1"
-    corrupt(out / train.CHECKPOINT, "flipped-bit")
+    assert load_checkpoint(out / PREVIOUS).metadata["epoch"] == "1"
+    corrupt(out / CHECKPOINT, "flipped-bit")
     capsys.readouterr()
     run(out, "--resume", epochs=3)
     warning = capsys.readouterr().err
-    assert "warning:" in warning and train.PREVIOUS in warning
+    assert "warning:" in warning and PREVIOUS in warning
     assert_same_run(tmp_path / "straight", out)
-    assert load_checkpoint(out / train.PREVIOUS).metadata["epoch"] == "2"
+    assert load_checkpoint(out / PREVIOUS).metadata["epoch"] == "2"
     # both damaged: one line that says what to do
-    for name in (train.CHECKPOINT, train.PREVIOUS):
+    for name in (CHECKPOINT, PREVIOUS):
         corrupt(out / name, "truncated")
     line = cli_error(capsys, [*SMALL, "--epochs", "4", "--out", str(out), "--resume"])
     assert "unreadable too" in line and "--overwrite" in line
@@ -525,12 +549,12 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(
 def test_recorded_epochs_are_not_replaced_without_overwrite(tmp_path: Path) -> None:
     """A directory with epochs in metrics.json but no checkpoint is still a run."""
     run(tmp_path, epochs=1)
-    for name in (train.CHECKPOINT, train.PREVIOUS):
+    for name in (CHECKPOINT, PREVIOUS):
         (tmp_path / name).unlink(missing_ok=True)
-    before = (tmp_path / train.METRICS).read_bytes()
+    before = (tmp_path / METRICS).read_bytes()
     with pytest.raises(train.RunError, match=r"1 epochs in metrics.json.*--overwrite"):
         run(tmp_path, epochs=1)
-    assert (tmp_path / train.METRICS).read_bytes() == before
+    assert (tmp_path / METRICS).read_bytes() == before
     run(tmp_path, "--overwrite", epochs=1)
 
 
@@ -584,12 +608,13 @@ def test_corrupted_checkpoint_is_one_line(tmp_path: Path, how: str) -> None:
 KILL_ARGS = [*SMALL, "--epochs", "3", "--threads", "1", "--no-progress"]
 
 # A run whose write of one file stalls half-way through its temporary file (the test then kills
-# it there): the harness patches drm.checkpoint's and experiments.train's atomic_write.
+# it there): the harness patches drm.checkpoint's and experiments.training.rundir's atomic_write.
 STALL = """
 import os, sys, time
 from pathlib import Path
 import drm.checkpoint as checkpoint
 import experiments.train as train
+import experiments.training.rundir as rundir
 
 marker, name, nth = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 real = checkpoint.atomic_write
@@ -608,7 +633,7 @@ def stalling(path, write):
     return real(path, write)
 
 checkpoint.atomic_write = stalling
-train.atomic_write = stalling
+rundir.atomic_write = stalling
 sys.exit(train.cli(sys.argv[4:]))
 """
 

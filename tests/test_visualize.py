@@ -18,20 +18,18 @@ from torch import nn
 
 import drm
 from cnn_equiv import to_cnn
-from cnn_equiv.visualize import (
-    Unit,
-    bottom_up_to,
-    default_latents,
+from cnn_equiv.class_models import default_latents, map_rendering, maximize_class_score
+from cnn_equiv.inversion import (
     inversion_report,
     invert_by_optimization,
     invert_by_rendering,
-    map_rendering,
-    maximize_class_score,
-    project,
+    relative_error,
+)
+from cnn_equiv.projections import Unit, project, saliency
+from cnn_equiv.units import (
+    bottom_up_to,
     receptive_field,
     receptive_field_support,
-    relative_error,
-    saliency,
     top_patches,
     unit_template,
 )

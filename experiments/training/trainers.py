@@ -1,0 +1,118 @@
+"""The model and the trainer of a run: built from its `RunConfig`, stepped by the loop.
+
+Algorithms: `sgd` (cnn_equiv.SGDTrainer: cross-entropy on the equivalent CNN), `dem`
+(drm.em.DiscriminativeEM: max-sum E-step, `m_steps` gradient steps with latents frozen), `em`
+(drm.em.GenerativeEM on a deep model; drm.shallow_em.ShallowEM, supervised, on the shallow
+model), `ssl` (drm.semisupervised.SemiSupervisedEM; docs/semisupervised.md). Under torchrun the
+trainers sum their statistics over the ranks (`drm.distributed.all_reduce_`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import drm
+from cnn_equiv import SGDTrainer
+from drm import distributed
+from drm.config import small_config
+from drm.data import Dataset
+from drm.em import DiscriminativeEM, GenerativeEM, Trainer
+from drm.semisupervised import SemiSupervisedEM
+from drm.shallow import ShallowRenderingModel
+from drm.shallow_em import ShallowEM, init_from_class_means, init_from_kmeans
+from experiments.training.config import RunConfig, RunError
+
+
+def build_model(config: RunConfig, data: Dataset) -> drm.DeepRenderingModel | ShallowRenderingModel:
+    """A fresh float32 model (on CPU) for the data, initialised from `config.seed`."""
+    shape, classes = data.image_shape, data.num_classes
+    if config.model == "shallow":
+        return shallow_init(config, data)
+    try:
+        preset = drm.lenet_config if config.model == "lenet" else small_config
+        return drm.DeepRenderingModel.from_config(
+            preset(shape, classes), seed=config.seed, dtype=torch.float32
+        )
+    except ValueError as err:
+        raise RunError(f"--model {config.model} does not fit images {shape}: {err}") from err
+
+
+def shallow_init(config: RunConfig, data: Dataset) -> ShallowRenderingModel:
+    """A shallow model started from k-means (seeded) or from the class means of the train set."""
+    side = config.template_size
+    size = None if side is None else (side, side)
+    translation, classes = config.translation, data.num_classes
+    if config.init == "class-means":
+        model = init_from_class_means(
+            data.x_train, data.y_train, classes, translation=translation, template_size=size
+        )
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        model = init_from_kmeans(
+            data.x_train, classes, generator=generator, translation=translation, template_size=size
+        )
+    assert isinstance(model, ShallowRenderingModel)
+    return model
+
+
+def build_trainer(config: RunConfig, model: Any) -> Trainer:
+    """The trainer of `config.algo` for `model` (trained in place, except SGD's CNN copy)."""
+    shallow = isinstance(model, ShallowRenderingModel)
+    if config.algo in ("sgd", "dem", "ssl") and shallow:
+        raise RunError(f"--algo {config.algo} trains a deep model: use --model lenet or small")
+    # filled in by RunConfig for every algorithm (ssl: its three settings too)
+    assert config.lr is not None
+    parallel = distributed.is_distributed()
+    reduce = distributed.all_reduce_ if parallel else None  # sum over ranks; None: one process
+    if config.algo == "sgd":
+        return SGDTrainer(
+            model, optimizer=config.optimizer, lr=config.lr, reduce=reduce, amp=config.amp
+        )
+    if config.algo == "dem":
+        return DiscriminativeEM(
+            model, m_steps=config.m_steps, optimizer=config.optimizer, lr=config.lr, reduce=reduce
+        )
+    if config.algo == "ssl":
+        assert config.consistency_shift is not None and config.class_balance_target is not None
+        return SemiSupervisedEM(
+            model,
+            config.loss_weights(),
+            optimizer=config.optimizer,
+            lr=config.lr,
+            reduce=reduce,
+            max_shift=config.consistency_shift,
+            seed=config.seed,
+            balance_target=config.class_balance_target,
+        )
+    if shallow:
+        return ShallowEM(model, hard=config.hard, supervised=not config.unsupervised, reduce=reduce)
+    return GenerativeEM(
+        model,
+        cg_iterations=config.cg_iterations,
+        step_size=config.em_step_size,
+        reduce=reduce,
+        refine_sweeps=config.refine_sweeps or 0,
+    )
+
+
+def epoch_lr(lr: float, decay: float, epoch: int) -> float:
+    """The step-decayed learning rate of epoch `epoch` (1-based): lr * decay^(epoch - 1).
+
+    A function of the epoch alone (no scheduler state), so a resumed run gets the same rates
+    whatever --epochs says.
+    """
+    return lr * decay ** (epoch - 1)
+
+
+def has_optimizer(trainer: Trainer) -> bool:
+    """Whether the trainer is a gradient method (SGD, DEM) with a torch optimizer."""
+    return isinstance(getattr(trainer, "optimizer", None), torch.optim.Optimizer)
+
+
+def set_learning_rate(trainer: Trainer, lr: float) -> None:
+    """Set the rate of a gradient trainer's optimizer (SGD, DEM); EM trainers have none."""
+    if has_optimizer(trainer):
+        for group in trainer.optimizer.param_groups:  # type: ignore[attr-defined]
+            group["lr"] = lr
