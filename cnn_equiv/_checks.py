@@ -1,7 +1,8 @@
 """Argument checks shared by the tools of `cnn_equiv` (private).
 
 Generic numbers (`check_nonnegative`, `check_count`, `check_int`), a model's levels and units
-(`check_model`, `check_level_index`, `check_unit_indices`, `check_switch_rule`), a CNN's input
+(`check_model`, `check_level_index`, `check_unit_indices`, `check_switch_rule`; these and
+`check_nonnegative`, `check_int` live in `drm.checks`, re-exported here), a CNN's input
 shape and dtype (`cnn_input_shape`, `dtype_device`), and what the attacks take (`check_classifier`,
 `check_batch`, `check_labels`, `check_attack_labels`, `check_pixel_range`, `check_alphas`). Each
 returns the checked value (converted where it says so) or raises TypeError / ValueError naming
@@ -12,13 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from cnn_equiv.cnn import input_shape_of
-from drm.levels import SWITCH_RULES, SwitchRule
+from drm.checks import check_int as check_int
+from drm.checks import check_level_index as check_level_index
+from drm.checks import check_model as check_model
+from drm.checks import check_nonnegative as check_nonnegative
+from drm.checks import check_switch_rule as check_switch_rule
+from drm.checks import check_unit_indices as check_unit_indices
 from drm.model import DeepRenderingModel, check_images
 
 # A pixel range (low, high) that every image is clamped to, or None for no clamping.
@@ -42,79 +47,12 @@ _TRAINING_DEPENDENT = (
 # --- numbers -----------------------------------------------------------------------------------
 
 
-def check_nonnegative(value: object, name: str, positive: bool = False) -> float:
-    """A finite real number >= 0 (> 0 when `positive`), as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value}")
-    return number
-
-
-def check_int(value: object, name: str) -> int:
-    """An int (not a bool), of any value."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
-
-
 def check_count(value: object, name: str, minimum: int = 1) -> int:
     """An int (not a bool) >= `minimum`."""
     value = check_int(value, name)
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return value
-
-
-# --- a rendering model's levels and units ------------------------------------------------------
-
-
-def check_model(model: object) -> DeepRenderingModel:
-    if not isinstance(model, DeepRenderingModel):
-        raise TypeError(f"model must be a drm.DeepRenderingModel, got {type(model).__name__}")
-    return model
-
-
-def check_level_index(model: DeepRenderingModel, level_index: object) -> int:
-    """A level index in [-1, len(levels)): -1 is the image itself."""
-    level_index = check_int(level_index, "level_index")
-    if not -1 <= level_index < len(model.levels):
-        raise ValueError(
-            f"level_index must lie in [-1, {len(model.levels)}) (-1 is the image), "
-            f"got {level_index}"
-        )
-    return level_index
-
-
-def check_unit_indices(index: object, size: int, batch: int, device: torch.device) -> Tensor:
-    """(batch,) int64 unit indices in [0, size) from an int or a (batch,) int64 tensor."""
-    if isinstance(index, bool):
-        raise TypeError("a unit index must be an int or an int64 tensor, got bool")
-    if isinstance(index, int):
-        units = torch.full((batch,), index, dtype=torch.long, device=device)
-    elif isinstance(index, Tensor):
-        if index.dtype != torch.long:
-            raise TypeError(f"unit indices must be an int64 tensor, got dtype {index.dtype}")
-        if index.shape != (batch,):
-            raise ValueError(f"unit indices must have shape ({batch},), got {tuple(index.shape)}")
-        units = index.to(device)
-    else:
-        raise TypeError(
-            f"a unit index must be an int or an int64 tensor, got {type(index).__name__}"
-        )
-    if units.numel() and (int(units.min()) < 0 or int(units.max()) >= size):
-        raise ValueError(
-            f"unit index out of range: the level has {size} units per image, got values in "
-            f"[{int(units.min())}, {int(units.max())}]"
-        )
-    return units
-
-
-def check_switch_rule(rule: object) -> SwitchRule:
-    if rule not in SWITCH_RULES:
-        raise ValueError(f"rule must be one of {SWITCH_RULES}, got {rule!r}")
-    return cast(SwitchRule, rule)
 
 
 # --- a torch network ---------------------------------------------------------------------------

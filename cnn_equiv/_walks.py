@@ -1,7 +1,7 @@
 """The two walks the visualisation tools share (private): down a rendering model, up a torch CNN.
 
 Down: `one_hot` puts a signal on one unit of a level's output and `walk_down` passes a signal
-from that level's output down to the pixels with given latents (`Level.top_down`), as
+from that level's output down to the pixels with given latents (`drm.model.walk_down`), as
 `cnn_equiv.projections.project`, `cnn_equiv.units.unit_template` and
 `cnn_equiv.inversion.invert_by_rendering` do. Up: `layer_output` / `run_to` run a torch CNN up to
 one leaf layer (in `cnn_equiv.cnn.iter_layers` order) and stop, as `saliency` and
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from cnn_equiv.cnn import iter_layers
 from drm.levels import SwitchRule
 from drm.model import DeepRenderingModel, Latents
+from drm.model import walk_down as drm_walk_down
 
 
 def output_shape(model: DeepRenderingModel, level_index: int) -> tuple[int, ...]:
@@ -39,9 +40,7 @@ def walk_down(
     model: DeepRenderingModel, g: Tensor, level_index: int, latents: Latents, rule: SwitchRule
 ) -> Tensor:
     """Pass the signal g at level `level_index`'s output down to the pixels: (B, C0, H, W)."""
-    for j in range(level_index, -1, -1):
-        g = model.levels[j].top_down(g, latents[j], rule)
-    return g
+    return drm_walk_down(model, g, latents, level_index, 0, rule)[0]
 
 
 # --- up a torch CNN ----------------------------------------------------------------------------

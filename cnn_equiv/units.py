@@ -28,7 +28,7 @@ from torch import Tensor
 
 from cnn_equiv._checks import check_count, check_level_index, check_model, check_unit_indices
 from cnn_equiv._walks import one_hot, output_shape, walk_down
-from drm.inference import max_sum
+from drm.inference import max_sum, walk_up
 from drm.model import DeepRenderingModel, Latents, check_images, check_latents
 
 
@@ -166,10 +166,7 @@ def bottom_up_to(model: DeepRenderingModel, x: Tensor, level_index: int) -> Tens
     """
     model = check_model(model)
     level_index = check_level_index(model, level_index)
-    y = check_images(model, x)
-    for j in range(level_index + 1):
-        y = model.levels[j].bottom_up(y)[0]
-    return y
+    return walk_up(model, check_images(model, x), stop=level_index + 1).output
 
 
 class TopPatches(NamedTuple):

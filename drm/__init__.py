@@ -108,7 +108,10 @@ SUBMODULES = (
     "sampling",
     "semisupervised",
     "shallow",
+    "shallow_cnn",
+    "shallow_config",
     "shallow_em",
+    "shallow_init",
 )
 
 

@@ -57,9 +57,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from drm.distributed import Reduce, reduce_together
-from drm.inference import max_sum, propagate_up
-from drm.model import DeepRenderingModel, Latents, check_classes, check_images, propagate_down
-from drm.refine import refine_latents
+from drm.inference import propagate_up, walk_up
+from drm.model import (
+    DeepRenderingModel,
+    Latents,
+    check_classes,
+    check_images,
+    propagate_down,
+    walk_down,
+)
+from drm.refine import coordinate_ascent
 from drm.shallow import ShallowRenderingModel
 
 OptimizerName = Literal["adam", "sgd"]
@@ -153,7 +160,8 @@ class DiscriminativeEM:
         # E-step: the fine-to-coarse max-sum pass. Its scores are the frozen-latent scores at its
         # own latents, with the same gradients (E9), so the pass doubles as the first M-step's
         # forward pass; the later M-steps rerun the network with the latents frozen.
-        scores, latents = max_sum(self.model, x)  # bool / int64 latents: nothing to detach
+        # bool / int64 latents: nothing to detach; x is checked above, once
+        scores, latents, _ = walk_up(self.model, x)
         losses = []
         for m_step in range(self.m_steps):
             if m_step:
@@ -335,12 +343,15 @@ class GenerativeEM:
 
     def e_step(self, x: Tensor, y: Tensor) -> Latents:
         """The latents of the batch's images with their labels: bottom-up, then refined."""
+        check_batch(self.model, x, y)
+        return self._e_step(x, y)
+
+    def _e_step(self, x: Tensor, y: Tensor) -> Latents:
+        """`e_step` for a checked batch."""
         with torch.no_grad():
-            latents = max_sum(self.model, x)[1]
+            latents = walk_up(self.model, x).latents
             if self.refine_sweeps and x.shape[0]:
-                latents, _, _ = refine_latents(
-                    self.model, x, y, latents, max_sweeps=self.refine_sweeps
-                )
+                latents, _, _ = coordinate_ascent(self.model, x, y, latents, self.refine_sweeps)
         return latents
 
     def level_objective(self, x: Tensor, y: Tensor, latents: Latents) -> Tensor:
@@ -359,9 +370,7 @@ class GenerativeEM:
         def render(weight: Tensor) -> Tensor:
             """h^(0) with the level's templates replaced: linear in `weight`."""
             h = level.render_with_templates(arriving, weight)
-            for j in reversed(range(index)):
-                h = model.levels[j].top_down(h, latents[j])
-            return h
+            return walk_down(model, h, latents, index - 1)[0]
 
         def gram(weight: Tensor) -> Tensor:  # (sum_n L_n^T L_n) weight
             with torch.enable_grad():
@@ -388,7 +397,7 @@ class GenerativeEM:
         if x.shape[0] == 0 and self.reduce is None:
             raise ValueError("x must hold at least one image, got an empty batch")
         model = self.model
-        latents = self.e_step(x, y)
+        latents = self._e_step(x, y)
         with torch.no_grad():
             for _ in range(self.levels_per_step):
                 index = self.template_levels[self._cursor % len(self.template_levels)]
@@ -448,16 +457,3 @@ class GenerativeEM:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._cursor = int(state["cursor"])
-
-
-def accuracy(
-    model: DeepRenderingModel | nn.Module, x: Tensor, y: Tensor, batch: int = 1000
-) -> float:
-    """Fraction of images whose max-sum (CNN) class is the label."""
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch):
-            xb = x[start : start + batch]
-            scores = max_sum(model, xb)[0] if isinstance(model, DeepRenderingModel) else model(xb)
-            correct += int((scores.argmax(1) == y[start : start + batch]).sum())
-    return correct / max(1, x.shape[0])

@@ -13,6 +13,8 @@ References:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -40,14 +42,8 @@ def max_sum(model: DeepRenderingModel, x: Tensor) -> tuple[Tensor, Latents]:
             and translation indices (int64, shaped like the pooled output) that the CNN chose;
             None for levels without a latent.
     """
-    y = check_images(model, x)
-    latents: list[Tensor | None] = []
-    owned = False  # y is the user's x (or a view of it) until a level returns a new tensor
-    for level in model.levels:
-        y, latent = level.bottom_up(y, overwrite=owned)
-        latents.append(latent)
-        owned = level.output_kind == "new" or (level.output_kind == "view" and owned)
-    return y, tuple(latents)
+    walk = walk_up(model, check_images(model, x))
+    return walk.output, walk.latents
 
 
 def min_sum(model: DeepRenderingModel, x: Tensor) -> tuple[Tensor, Latents]:
@@ -58,12 +54,8 @@ def min_sum(model: DeepRenderingModel, x: Tensor) -> tuple[Tensor, Latents]:
     max-pooling by min-pooling, sharing the weights. Returns (scores (B, C), arg-min latents), the
     frozen-latent scores at those latents (`frozen_scores`).
     """
-    y = check_images(model, x)
-    latents: list[Tensor | None] = []
-    for level in model.levels:
-        y, latent = level.bottom_up_min(y)
-        latents.append(latent)
-    return y, tuple(latents)
+    walk = walk_up(model, check_images(model, x), minimize=True)
+    return walk.output, walk.latents
 
 
 def frozen_scores(model: DeepRenderingModel, x: Tensor, latents: Latents) -> Tensor:
@@ -78,18 +70,79 @@ def frozen_scores(model: DeepRenderingModel, x: Tensor, latents: Latents) -> Ten
 
 def propagate_up(model: DeepRenderingModel, x: Tensor, latents: Latents) -> Tensor:
     """`frozen_scores` without its input checks, for inner loops whose inputs are valid."""
+    return walk_up(model, x, latents).output
+
+
+class UpWalk(NamedTuple):
+    """Result of `walk_up`.
+
+    Attributes:
+        output: the message at the output of the last level walked (the scores for all levels).
+        latents: the latents walked with: the given ones, or those chosen on the way (one entry
+            per level walked).
+        inputs: the bottom-up input of every level walked (empty unless `record_inputs`).
+    """
+
+    output: Tensor
+    latents: Latents
+    inputs: list[Tensor]
+
+
+def walk_up(
+    model: DeepRenderingModel,
+    x: Tensor,
+    latents: Latents | None = None,
+    stop: int | None = None,
+    record_inputs: bool = False,
+    *,
+    minimize: bool = False,
+) -> UpWalk:
+    """The one bottom-up walk (no input checks): levels 0, 1, ..., stop - 1 (default: all).
+
+    Every bottom-up pass over a rendering model's levels is a call to this function.
+
+    Args:
+        x: (B, C0, H, W) images, already checked.
+        latents: None: max-sum, each level chooses its latent (`Level.bottom_up`); else the
+            latents are frozen (`Level.bottom_up_frozen`), one entry per level.
+        stop: walk levels[:stop]; None walks them all.
+        record_inputs: also return the bottom-up input of every level walked.
+        minimize: with latents None, min-sum instead (`Level.bottom_up_min`, `min_sum`).
+    """
+    levels = list(model.levels) if stop is None else list(model.levels)[:stop]
+    inputs: list[Tensor] = []
     y = x
-    for level, latent in zip(model.levels, latents, strict=True):
-        y = level.bottom_up_frozen(y, latent)
-    return y
+    if latents is not None:
+        for index, level in enumerate(levels):
+            if record_inputs:
+                inputs.append(y)
+            y = level.bottom_up_frozen(y, latents[index])
+        return UpWalk(y, latents, inputs)
+    chosen: list[Tensor | None] = []
+    owned = False  # y is the user's x (or a view of it) until a level returns a new tensor
+    for level in levels:
+        if record_inputs:
+            inputs.append(y)
+        if minimize:
+            y, latent = level.bottom_up_min(y)
+            chosen.append(latent)
+            continue
+        # a recorded input must survive the walk: no level may then reuse its memory
+        y, latent = level.bottom_up(y, overwrite=owned and not record_inputs)
+        chosen.append(latent)
+        owned = level.output_kind == "new" or (level.output_kind == "view" and owned)
+    return UpWalk(y, tuple(chosen), inputs)
 
 
 def latents_or_max_sum(
     model: DeepRenderingModel, x: Tensor, latents: Latents | None = None
 ) -> Latents:
-    """The given `latents`, checked for a batch of x.shape[0] images, or else `max_sum`'s of x."""
+    """The given `latents`, checked for a batch of x.shape[0] images, or else `max_sum`'s of x.
+
+    x must already be checked (`check_images`): the caller checks it once.
+    """
     if latents is None:
-        return max_sum(model, x)[1]
+        return walk_up(model, x).latents
     return check_latents(model, latents, x.shape[0])
 
 

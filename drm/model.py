@@ -22,7 +22,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -292,13 +292,41 @@ def propagate_down(
             is `top_down`'s list from index `stop` on: result[k] arrives at the input of level
             stop + k, result[-1] is the one-hot class indicator (stop = 0: the whole list).
     """
-    levels = list(model.levels)
-    if not 0 <= stop <= len(levels):
-        raise ValueError(f"stop must lie in [0, {len(levels)}], got {stop}")
+    count = len(model.levels)
+    if not 0 <= stop <= count:
+        raise ValueError(f"stop must lie in [0, {count}], got {stop}")
     g = torch.nn.functional.one_hot(classes, model.num_classes).to(model.dtype)
+    return walk_down(model, g, latents, count - 1, stop, rule)
+
+
+def walk_down(
+    model: DeepRenderingModel,
+    signal: Tensor,
+    latents: Latents,
+    start: int,
+    stop: int = 0,
+    rule: SwitchRule = "drm",
+    choose: Callable[[int, Tensor], Tensor | None] | None = None,
+) -> list[Tensor]:
+    """The one top-down walk (no input checks): levels start, start - 1, ..., stop.
+
+    Every top-down pass of the library is a call to this function.
+
+    Args:
+        signal: the signal at level `start`'s output (start = len(levels) - 1: the one-hot class
+            indicator; start = stop - 1: nothing to walk).
+        latents: one entry per level; level j renders with latents[j].
+        choose: if given, called as choose(j, g) with the signal g at level j's output before
+            level j renders it; its return value replaces latents[j] (coordinate ascent).
+
+    Returns:
+        signals: result[k] arrives at the input of level stop + k; result[-1] is `signal`.
+    """
+    g = signal
     signals = [g]
-    for level, latent in zip(reversed(levels[stop:]), reversed(latents[stop:]), strict=True):
-        g = level.top_down(g, latent, rule)
+    for j in range(start, stop - 1, -1):
+        latent = latents[j] if choose is None else choose(j, g)
+        g = model.levels[j].top_down(g, latent, rule)
         signals.append(g)
     signals.reverse()
     return signals

@@ -29,19 +29,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drm.inference import latents_or_max_sum, max_sum, propagate_up
+from drm.inference import latents_or_max_sum, propagate_up, walk_up
 from drm.levels import Level
-from drm.model import DeepRenderingModel, Latents, check_classes, check_images
+from drm.model import DeepRenderingModel, Latents, check_classes, check_images, walk_down
 
 
 def level_inputs(model: DeepRenderingModel, x: Tensor, latents: Latents) -> list[Tensor]:
     """The bottom-up input of every level with the latents frozen (no input checks)."""
-    inputs = []
-    y = x
-    for level, latent in zip(model.levels, latents, strict=True):
-        inputs.append(y)
-        y = level.bottom_up_frozen(y, latent)
-    return inputs
+    return walk_up(model, x, latents, record_inputs=True).inputs
 
 
 def refine_latents(
@@ -66,10 +61,47 @@ def refine_latents(
     """
     x = check_images(model, x)
     classes = check_classes(model, classes, x.shape[0])
+    check_max_sweeps(max_sweeps)
+    with torch.no_grad():
+        start = latents_or_max_sum(model, x, latents)
+    return coordinate_ascent(model, x, classes, start, max_sweeps)
+
+
+def check_max_sweeps(max_sweeps: int) -> None:
+    """Raise a clear error unless `max_sweeps` >= 1."""
     if max_sweeps < 1:
         raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
+
+
+def coordinate_ascent(
+    model: DeepRenderingModel, x: Tensor, classes: Tensor, latents: Latents, max_sweeps: int
+) -> tuple[Latents, Tensor, int]:
+    """`refine_latents` without its input checks, from given latents, for checked inputs."""
     with torch.no_grad():
-        current = list(latents_or_max_sum(model, x, latents))
+        current = list(latents)
+        inputs: list[Tensor] = []
+        changed = False
+
+        def choose(index: int, g: Tensor) -> Tensor | None:
+            """Re-choose level `index`'s latent given the signal g from above (ties: keep)."""
+            nonlocal changed
+            level = model.levels[index]
+            if level.has_latent:
+                previous = current[index]
+                assert previous is not None
+                choice = level.best_latent(inputs[index], g)
+                if not torch.equal(choice, previous):
+                    # keep the previous choice wherever the new one is no better (ties):
+                    # the score then never decreases and the sweeps terminate
+                    better = _unit_gain(level, inputs[index], g, choice) > _unit_gain(
+                        level, inputs[index], g, previous
+                    )
+                    if bool(better.any()):
+                        current[index] = torch.where(better, choice, previous)
+                        changed = True
+            return current[index]
+
+        top = torch.nn.functional.one_hot(classes, model.num_classes).to(model.dtype)
         sweeps = 0
         for sweeps in range(1, max_sweeps + 1):  # noqa: B007 - reported below
             changed = False
@@ -77,23 +109,7 @@ def refine_latents(
             # bottom-up inputs computed at its start stay valid throughout, and the top-down
             # signal is carried down level by level: one pass each way per sweep.
             inputs = level_inputs(model, x, tuple(current))
-            g = torch.nn.functional.one_hot(classes, model.num_classes).to(model.dtype)
-            for index in reversed(range(len(model.levels))):
-                level = model.levels[index]
-                if level.has_latent:
-                    previous = current[index]
-                    assert previous is not None
-                    choice = level.best_latent(inputs[index], g)
-                    if not torch.equal(choice, previous):
-                        # keep the previous choice wherever the new one is no better (ties):
-                        # the score then never decreases and the sweeps terminate
-                        better = _unit_gain(level, inputs[index], g, choice) > _unit_gain(
-                            level, inputs[index], g, previous
-                        )
-                        if bool(better.any()):
-                            current[index] = torch.where(better, choice, previous)
-                            changed = True
-                g = level.top_down(g, current[index])
+            walk_down(model, top, tuple(current), len(model.levels) - 1, 0, "drm", choose)
             if not changed:
                 break
         refined = tuple(current)
@@ -121,11 +137,12 @@ def inference_gap_lower_bound(
     """
     x = check_images(model, x)
     with torch.no_grad():
-        scores, latents = max_sum(model, x)
+        scores, latents, _ = walk_up(model, x)
         if classes is None:
             classes = scores.argmax(1)
         classes = check_classes(model, classes, x.shape[0])
-        _, refined, _ = refine_latents(model, x, classes, latents, max_sweeps)
+        check_max_sweeps(max_sweeps)
+        _, refined, _ = coordinate_ascent(model, x, classes, latents, max_sweeps)
         # max-sum's score by the same frozen-latent arithmetic as the refined one: where the
         # refinement changed nothing the two are the same numbers, and the gap is exactly 0
         start = propagate_up(model, x, latents).gather(1, classes[:, None])[:, 0]

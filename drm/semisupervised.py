@@ -73,7 +73,7 @@ from torch import Tensor
 
 from drm.distributed import Reduce, reduce_together
 from drm.em import OptimizerName, make_optimizer, sum_gradients
-from drm.inference import max_sum, min_sum
+from drm.inference import walk_up
 from drm.model import (
     DeepRenderingModel,
     Latents,
@@ -310,8 +310,8 @@ class SemiSupervisedEM:
             )
 
     def e_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Latents, Tensor]:
-        """(scores (B, C), latents z*, rendered classes c^ (B,)): the label, else the prediction."""
-        scores, latents = max_sum(self.model, x)
+        """(scores (B, C), latents z*, classes c^ (B,): label, else guess) of checked images."""
+        scores, latents, _ = walk_up(self.model, x)
         classes = torch.where(y >= 0, y, scores.detach().argmax(1))
         return scores, latents, classes
 
@@ -332,6 +332,11 @@ class SemiSupervisedEM:
             loss: sum of weight * term, differentiable; over the processes the gradients add up
                 to the global batch's.
         """
+        return self._terms(check_images(self.model, x), y, counts)
+
+    def _terms(
+        self, x: Tensor, y: Tensor, counts: tuple[float, float] | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:  # `terms` for checked images
         model = self.model
         scores, latents, classes = self.e_step(x, y)
         local_images, local_labelled = x.shape[0], int((y >= 0).sum())
@@ -374,7 +379,7 @@ class SemiSupervisedEM:
         values = {"cross_entropy": cross_entropy_term(scores, y) * label_share}
         values.update({name: part * image_share for name, part in parts.items()})
         if self.weights.min_cross_entropy > 0:
-            min_scores = min_sum(model, x)[0]
+            min_scores = walk_up(model, x, minimize=True).output
             values["min_cross_entropy"] = cross_entropy_term(min_scores, y) * label_share
         if self.weights.consistency > 0:
             values["consistency"] = self._consistency(x, y, scores, counts)
@@ -399,7 +404,7 @@ class SemiSupervisedEM:
         images = x[unlabelled]
         shifted = translate(images, content_shifts(images, offset, self.max_shift))
         target = scores[unlabelled].detach().softmax(1)
-        return consistency_term(target, max_sum(self.model, shifted)[0]) * (local / total)
+        return consistency_term(target, walk_up(self.model, shifted).output) * (local / total)
 
     def translation_offset(self) -> int:
         """The pseudo-random number of this step that, with each image, picks its translation."""
@@ -414,7 +419,7 @@ class SemiSupervisedEM:
     def _path_normalization(self, classes: Tensor, signals: list[Tensor]) -> Tensor:
         model = self.model
         zero = torch.zeros(1, *model.input_shape, dtype=model.dtype, device=model.device)
-        reference_scores, reference_latents = max_sum(model, zero)
+        reference_scores, reference_latents, _ = walk_up(model, zero)
         reference_class = reference_scores.detach().argmax(1)
         reference_signals = propagate_down(model, reference_class, reference_latents)
         return path_normalization_term(model, classes, signals, reference_class, reference_signals)
@@ -436,7 +441,7 @@ class SemiSupervisedEM:
             )
             summed = self.reduce(local)
             counts = (float(summed[0]), float(summed[1]))
-        values, loss = self.terms(x, y, counts)
+        values, loss = self._terms(x, y, counts)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.reduce is not None:

@@ -1,10 +1,10 @@
 """The shallow (one-level) rendering model and its CNN view (DESIGN statement E7).
 
-This module holds `ShallowRenderingModel`, its architecture `ShallowConfig` (a frozen dataclass,
-the counterpart of `drm.config.ModelConfig`) and its typed results `ShallowSample` and
-`ShallowLatents`. The model: a class c ~ pi (C classes), a translation nuisance g uniform over G
-placements, an optional switch a in {0, 1} with prior P(a = 1) = pi_on (object present or
-absent), and shared isotropic Gaussian pixel noise:
+This module holds `ShallowRenderingModel` and re-exports its architecture `ShallowConfig` and
+typed results `ShallowSample` / `ShallowLatents` (defined in `drm.shallow_config`). The model:
+a class c ~ pi (C classes), a translation nuisance g uniform over G placements, an optional
+switch a in {0, 1} with prior P(a = 1) = pi_on (object present or absent), and shared
+isotropic Gaussian pixel noise:
 
     x = a * T_g mu_c + eps,    eps ~ N(0, sigma^2 I),    x: (C0, H, W),  D = C0 * H * W,
 
@@ -15,21 +15,16 @@ Translation kinds: "circular" (image-sized templates, T_g = `torch.roll` by each
 shifts), "interior" (templates (C0, h, w) placed at each of the (H - h + 1)(W - w + 1) positions,
 zeros elsewhere) and "none" (G = 1, image-sized templates, no shift).
 
-The module gives both views of the same model side by side:
+The model has both views of itself:
 
-* the generative view, written literally with no convolution (`render`, `log_joint`, `sample`),
-  the independent definition the tests check everything else against;
-* the CNN view: every T_g is norm-preserving, so after dropping the class-independent constant
-  K(x) = ||x||^2 / (2 sigma^2) + (D / 2) log(2 pi sigma^2) the score of (c, g, a) is
-
-      log pi_c - log G + log p(a) + a * (<x, T_g mu_c> / sigma^2 - ||mu_c||^2 / (2 sigma^2)),
-
-  i.e. template matching (one convolution of x with mu_c / sigma^2), a bias, then
-  max over a = ReLU, sum over a = softplus (with bias + log(pi_on / pi_off) inside and
-  log(1 - pi_on) outside), max over g = max-pooling, sum over g = log-sum-exp, and the exact
-  posterior p(c | x) = softmax of the summed scores. Without translation or switch it is one
-  linear layer, whose weights `cnn_equiv.mapping.to_linear_classifier` writes out (parameters
-  cross between the views only in that module).
+* the generative view, written literally with no convolution (`render`, `log_joint`, `sample`,
+  here), the independent definition the tests check everything else against;
+* the CNN view (`score_constant`, `match_map`, `class_scores`, `joint_scores`, `posterior`,
+  `map_classes`, `log_likelihood`, `map_latents`, ...), inherited from
+  `drm.shallow_cnn.ShallowCNNView`: template matching, a bias, ReLU / softplus over the switch,
+  max-pooling / log-sum-exp over the placements. Without translation or switch it is one linear
+  layer, whose weights `cnn_equiv.mapping.to_linear_classifier` writes out (parameters cross
+  between the views only in that module).
 
 References:
     Patel, Nguyen, Baraniuk, A Probabilistic Theory of Deep Learning, arXiv:1504.00641 (2015).
@@ -40,14 +35,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drm.checks import check_count, check_index, check_real
+from drm.checks import check_index, check_real
+from drm.shallow_cnn import ShallowCNNView
+from drm.shallow_config import (
+    ScoreMode,
+    ShallowConfig,
+    ShallowLatents,
+    ShallowSample,
+    Translation,
+    check_image,
+)
 
 __all__ = [
     "ScoreMode",
@@ -58,172 +60,12 @@ __all__ = [
     "Translation",
 ]
 
-Translation = Literal["circular", "interior", "none"]
-ScoreMode = Literal["max", "sum"]
-_TRANSLATIONS: tuple[str, ...] = get_args(Translation)
-_MODES: tuple[str, ...] = get_args(ScoreMode)
-
-
-# ----------------------------------------------------------------------------------------------
-# Input validation
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_image(
-    x: object,
-    name: str,
-    image_shape: tuple[int, int, int],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    """Check that `x` is a finite (B, C0, H, W) tensor of the model's dtype and device."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor of dtype {dtype}, got dtype {x.dtype}")
-    if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype}, expected the model's dtype {dtype}")
-    if x.device != device:
-        raise ValueError(f"{name} is on device {x.device}, expected the model's device {device}")
-    c0, h, w = image_shape
-    if x.ndim != 4:
-        raise ValueError(
-            f"{name} must have shape (B, C0, H, W) = (B, {c0}, {h}, {w}), got {tuple(x.shape)}"
-        )
-    if x.shape[1] != c0:
-        raise ValueError(f"{name} has {x.shape[1]} channels, expected C0 = {c0}")
-    if tuple(x.shape[2:]) != (h, w):
-        raise ValueError(
-            f"{name} has spatial size {tuple(x.shape[2:])}, expected (H, W) = {(h, w)}"
-        )
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
-
-
-def _softplus(z: Tensor) -> Tensor:
-    """log(1 + exp(z)) to full precision.
-
-    `torch.nn.functional.softplus` returns z itself above its threshold (20), an error of up to
-    exp(-20) ~ 2e-9, which is larger than the 1e-10 identities this module is tested to.
-    """
-    return z.clamp(min=0) + torch.log1p(torch.exp(-z.abs()))
-
-
-# ----------------------------------------------------------------------------------------------
-# The architecture and the typed results
-# ----------------------------------------------------------------------------------------------
-
-
-def _shape3(value: object, name: str, what: str) -> tuple[int, int, int]:
-    """A sequence of 3 positive ints (not bools), as a tuple."""
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, Sequence)
-        or len(value) != 3
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
-    ):
-        raise TypeError(f"{name} must be a sequence of 3 ints {what}, got {value!r}")
-    a, b, c = (int(s) for s in value)
-    if min(a, b, c) < 1:
-        raise ValueError(f"{name} must be positive, got {(a, b, c)}")
-    return (a, b, c)
-
-
-@dataclass(frozen=True)
-class ShallowConfig:
-    """The architecture of a `ShallowRenderingModel` (no tensors), validated on construction.
-
-    The counterpart of `drm.config.ModelConfig` for the one-level model. `to_dict` /
-    `from_dict` give the JSON form the checkpoints store.
-    """
-
-    num_classes: int  # C, the number of class templates
-    template_shape: tuple[int, int, int]  # (C0, h, w) of one template
-    image_shape: tuple[int, int, int]  # (C0, H, W) of one image
-    translation: Translation = "circular"  # the translation nuisance (module docstring)
-    switch_prior_on: float | None = None  # P(a = 1) in (0, 1), or None: no switch (a = 1)
-
-    def __post_init__(self) -> None:
-        check_count(self.num_classes, "num_classes", 1)
-        c0_t, h, w = _shape3(self.template_shape, "template_shape", "(C0, h, w)")
-        c0, H, W = _shape3(self.image_shape, "image_shape", "(C0, H, W)")
-        object.__setattr__(self, "template_shape", (c0_t, h, w))
-        object.__setattr__(self, "image_shape", (c0, H, W))
-        if not isinstance(self.translation, str):
-            raise TypeError(f"translation must be a str, got {type(self.translation).__name__}")
-        if self.translation not in _TRANSLATIONS:
-            raise ValueError(
-                f"translation must be one of {_TRANSLATIONS}, got {self.translation!r}"
-            )
-        if c0_t != c0:
-            raise ValueError(f"templates have C0 = {c0_t} channels but image_shape has C0 = {c0}")
-        if self.translation in ("circular", "none") and (h, w) != (H, W):
-            raise ValueError(
-                f"translation={self.translation!r} needs image-sized templates: template spatial "
-                f"size {(h, w)} != image (H, W) = {(H, W)}; use translation='interior' for "
-                "smaller ones"
-            )
-        if h > H or w > W:
-            raise ValueError(
-                f"templates of spatial size {(h, w)} are larger than the image (H, W) = {(H, W)}"
-            )
-        if self.switch_prior_on is not None:
-            on = check_real(self.switch_prior_on, "switch_prior_on")
-            if not 0.0 < on < 1.0:
-                raise ValueError(
-                    f"switch_prior_on must lie in the open interval (0, 1) or be None, got {on}"
-                )
-            object.__setattr__(self, "switch_prior_on", on)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (template_shape holds C first); `from_dict` inverts it."""
-        return {
-            "template_shape": [self.num_classes, *self.template_shape],
-            "image_shape": list(self.image_shape),
-            "translation": self.translation,
-            "switch_prior_on": self.switch_prior_on,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ShallowConfig:
-        """Rebuild a config from `to_dict` output, validating every field."""
-        try:
-            num_classes, *template_shape = (int(s) for s in data["template_shape"])
-            return cls(
-                num_classes=num_classes,
-                template_shape=tuple(template_shape),  # type: ignore[arg-type]
-                image_shape=tuple(int(s) for s in data["image_shape"]),  # type: ignore[arg-type]
-                translation=str(data["translation"]),  # type: ignore[arg-type]
-                switch_prior_on=data["switch_prior_on"],
-            )
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"malformed shallow model config: {err}") from err
-
-
-class ShallowSample(NamedTuple):
-    """What `ShallowRenderingModel.sample` draws."""
-
-    x: Tensor  # (n, C0, H, W) images
-    classes: Tensor  # (n,) long
-    translations: Tensor  # (n,) long, g = i * Wg + j
-    switches: Tensor  # (n,) bool (all True without a switch)
-
-
-class ShallowLatents(NamedTuple):
-    """One (c, g, a) per image: the joint MAP of `ShallowRenderingModel.map_latents`."""
-
-    classes: Tensor  # (B,) long
-    translations: Tensor  # (B,) long, g = i * Wg + j
-    switches: Tensor  # (B,) bool (all True without a switch)
-
-
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
 
 
-class ShallowRenderingModel(nn.Module):
+class ShallowRenderingModel(nn.Module, ShallowCNNView):
     """One-level rendering model: class templates, translation and switch nuisances, shared noise.
 
     Attributes:
@@ -411,18 +253,8 @@ class ShallowRenderingModel(nn.Module):
         """(C,) log pi_c = log_softmax(prior_logits)."""
         return torch.log_softmax(self.prior_logits, dim=-1)
 
-    def _log_switch_prior(self) -> tuple[float, float]:
-        """(log P(a = 0), log P(a = 1)); (-inf, 0) without a switch."""
-        if self.switch_prior_on is None:
-            return (-math.inf, 0.0)
-        return (math.log1p(-self.switch_prior_on), math.log(self.switch_prior_on))
-
-    def _template_energy(self) -> Tensor:
-        """(C,) ||mu_c||^2 / (2 sigma^2), also ||T_g mu_c||^2 / (2 sigma^2): T_g keeps norms."""
-        return self.templates.pow(2).flatten(1).sum(1) / (2 * self.sigma2)
-
     def _check_x(self, x: object, name: str = "x") -> Tensor:
-        return _check_image(x, name, self.image_shape, self.templates.dtype, self.templates.device)
+        return check_image(x, name, self.image_shape, self.templates.dtype, self.templates.device)
 
     def _check_switches(self, switches: object, batch: int, required: bool) -> Tensor | None:
         """Validate switches (B,) bool; None means all ON (allowed only when not `required`)."""
@@ -575,196 +407,3 @@ class ShallowRenderingModel(nn.Module):
         noise = torch.randn((n, *self.image_shape), generator=generator, dtype=dtype, device=device)
         x = self.render(classes, translations, switches) + self.sigma2.sqrt() * noise
         return ShallowSample(x, classes, translations, switches)
-
-    # ------------------------------------------------------------------------------------------
-    # The CNN view: template matching, bias, ReLU / softplus, max-pool / log-sum-exp
-    # ------------------------------------------------------------------------------------------
-
-    def score_constant(self, x: Tensor) -> Tensor:
-        """K(x) = ||x||^2 / (2 sigma^2) + (D/2) log(2 pi sigma^2), the class-independent constant.
-
-        `class_scores` and `joint_scores` are log-joint reductions plus K(x).
-
-        Args:
-            x: (B, C0, H, W).
-
-        Returns:
-            (B,).
-        """
-        x = self._check_x(x)
-        return x.pow(2).flatten(1).sum(1) / (2 * self.sigma2) + 0.5 * self.num_pixels * torch.log(
-            2 * math.pi * self.sigma2
-        )
-
-    def match_map(self, x: Tensor) -> Tensor:
-        """<x, T_g mu_c> / sigma^2 for every class and placement, as a feature map.
-
-        One `F.conv2d` of x with the templates / sigma^2 (cross-correlation is template matching):
-        "interior" is a valid convolution; "circular" pads x circularly by (h - 1, w - 1) at the
-        bottom and right first, so that output (i, j) sees the template rolled by (i, j);
-        "none" is a linear layer.
-
-        Args:
-            x: (B, C0, H, W).
-
-        Returns:
-            (B, C, Hg, Wg), with (Hg, Wg) = `translation_grid`.
-        """
-        x = self._check_x(x)
-        weight = self.templates / self.sigma2  # (C, C0, h, w)
-        if self.translation == "none":
-            return F.linear(x.flatten(1), weight.flatten(1))[:, :, None, None]  # (B, C, 1, 1)
-        if self.translation == "circular":
-            _, h, w = self.template_shape
-            x = F.pad(x, (0, w - 1, 0, h - 1), mode="circular")  # (B, C0, H + h - 1, W + w - 1)
-        return F.conv2d(x, weight)
-
-    def match_scores(self, x: Tensor) -> Tensor:
-        """<x, T_g mu_c> / sigma^2 for all (c, g); see `match_map`.
-
-        Args:
-            x: (B, C0, H, W).
-
-        Returns:
-            (B, C, G), g = i * Wg + j.
-        """
-        return self.match_map(x).flatten(2)
-
-    def preactivation(self, x: Tensor) -> Tensor:
-        """The CNN unit before the nonlinearity: the log-odds of a = 1 given (x, c, g).
-
-        Without a switch: <x, T_g mu_c> / sigma^2 - ||mu_c||^2 / (2 sigma^2) (the template-matching
-        layer with bias -||mu_c||^2 / (2 sigma^2)); with a switch, + log(pi_on / pi_off).
-
-        Args:
-            x: (B, C0, H, W).
-
-        Returns:
-            (B, C, G).
-        """
-        z = self.match_scores(x) - self._template_energy()[:, None]
-        if self.switch_prior_on is not None:
-            log_off, log_on = self._log_switch_prior()
-            z = z + (log_on - log_off)
-        return z
-
-    def _class_bias(self) -> Tensor:
-        """(C,) the score part outside the nonlinearity: log pi_c - log G (+ log pi_off)."""
-        bias = self.log_prior - math.log(self.num_translations)
-        if self.switch_prior_on is not None:
-            bias = bias + self._log_switch_prior()[0]
-        return bias
-
-    def class_scores(self, x: Tensor, mode: str = "max") -> Tensor:
-        """Class scores, computed the CNN way (conv, bias, ReLU/softplus, max-pool/log-sum-exp).
-
-        mode="max": max_{g, a} log p(x, c, g, a) + K(x), the CNN logit (MAP classification).
-        mode="sum": log sum_{g, a} p(x, c, g, a) + K(x) = log p(x, c) + K(x).
-        K(x) is `score_constant(x)`, the same for every class.
-
-        Args:
-            x: (B, C0, H, W).
-            mode: "max" or "sum".
-
-        Returns:
-            (B, C).
-        """
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        z = self.preactivation(x)  # (B, C, G)
-        if self.switch_prior_on is not None:
-            z = torch.relu(z) if mode == "max" else _softplus(z)
-        # max over g is global max-pooling of the (Hg, Wg) map; relu commutes with it
-        pooled = z.amax(dim=-1) if mode == "max" else z.logsumexp(dim=-1)  # (B, C)
-        return pooled + self._class_bias()
-
-    def joint_scores(self, x: Tensor) -> Tensor:
-        """log p(x, c, g, a) + K(x) for every (c, g, a).
-
-        Args:
-            x: (B, C0, H, W).
-
-        Returns:
-            (B, C, G, A): A = 2 with a switch (index 0 is a = 0, index 1 is a = 1), A = 1 without
-            (a = 1).
-        """
-        z = self.preactivation(x)  # (B, C, G)
-        bias = self._class_bias()[:, None]  # (C, 1)
-        if self.switch_prior_on is None:
-            return (z + bias)[..., None]
-        return torch.stack([bias.expand_as(z), z + bias], dim=-1)
-
-    def latent_posterior(self, x: Tensor) -> Tensor:
-        """The exact posterior p(c, g, a | x) (the E-step of exact EM).
-
-        Args:
-            x: (B, C0, H, W).
-
-        Returns:
-            (B, C, G, A) probabilities summing to 1 per image; A as in `joint_scores`.
-        """
-        s = self.joint_scores(x)
-        return torch.softmax(s.flatten(1), dim=-1).view_as(s)
-
-    def posterior(self, x: Tensor) -> Tensor:
-        """The exact class posterior p(c | x) = softmax of the summed class scores.
-
-        Args:
-            x: (B, C0, H, W).
-
-        Returns:
-            (B, C).
-        """
-        return torch.softmax(self.class_scores(x, "sum"), dim=-1)
-
-    def map_classes(self, x: Tensor, mode: str = "max") -> Tensor:
-        """The predicted class.
-
-        mode="max" (default): the class of the joint MAP (c, g, a), i.e. the CNN's decision;
-        mode="sum": argmax_c p(c | x), the Bayes classifier.
-
-        Args:
-            x: (B, C0, H, W).
-            mode: "max" or "sum".
-
-        Returns:
-            (B,) long.
-        """
-        return self.class_scores(x, mode).argmax(dim=-1)
-
-    def log_likelihood(self, x: Tensor) -> Tensor:
-        """The exact log p(x) = logsumexp over (c, g, a) of log p(x, c, g, a).
-
-        Args:
-            x: (B, C0, H, W).
-
-        Returns:
-            (B,).
-        """
-        return self.class_scores(x, "sum").logsumexp(dim=-1) - self.score_constant(x)
-
-    def map_latents(self, x: Tensor) -> ShallowLatents:
-        """The joint MAP (c, g, a) = argmax log p(x, c, g, a).
-
-        Ties go to the first class and placement and to a = 0; when a = 0 every g ties, and g = 0.
-
-        Args:
-            x: (B, C0, H, W).
-
-        Returns:
-            `ShallowLatents(classes (B,) long, translations (B,) long, switches (B,) bool)`
-            (switches all True without a switch).
-        """
-        z = self.preactivation(x)  # (B, C, G)
-        unit = torch.relu(z) if self.switch_prior_on is not None else z
-        scores = unit + self._class_bias()[:, None]  # (B, C, G)
-        batch, _, num_g = scores.shape
-        flat = scores.flatten(1).argmax(dim=-1)  # (B,)
-        classes, translations = flat // num_g, flat % num_g
-        if self.switch_prior_on is None:
-            switches = torch.ones(batch, dtype=torch.bool, device=z.device)
-        else:
-            switches = z[torch.arange(batch, device=z.device), classes, translations] > 0
-            # with the object absent every placement ties; report g = 0 for a canonical answer
-            translations = torch.where(switches, translations, torch.zeros_like(translations))
-        return ShallowLatents(classes, translations, switches)

@@ -38,7 +38,6 @@ from cnn_equiv.detection import (
 )
 from drm import DenseSpec, FlattenSpec, ModelConfig
 from drm.data import Dataset, load_digits
-from drm.em import accuracy
 from tests.architectures import ARCHITECTURES, TINY_ARCHITECTURES, build, fit_digits, images
 
 IDENTITY_TOL = 1e-10  # float64 identities
@@ -46,6 +45,13 @@ BOX_TOL = 1e-12  # |x_adv - x| <= epsilon up to the rounding of x + epsilon
 BISECTION_TOL = 1e-4  # the `tol` handed to minimal_template_alpha
 AUC_TOL = 1e-12  # rank formula against sklearn
 LSTSQ_SCALE_TOL = 1e-9  # a ratio of two sums of ~800 terms against LAPACK's lstsq, float64
+
+
+def accuracy(cnn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of images whose CNN logit argmax is the label (the torch network: an oracle
+    independent of the DRM and of cnn_equiv.detection)."""
+    with torch.no_grad():
+        return int((cnn(x).argmax(1) == y).sum()) / max(1, x.shape[0])
 
 
 def _autograd_direction(cnn: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -211,3 +211,45 @@ def test_trainer_arguments_are_checked() -> None:
         GenerativeEM(model, refine_sweeps=-1)
     with pytest.raises(ValueError, match="class index out of range"):
         DiscriminativeEM(model).step(images(model, 2), torch.tensor([0, 7]))
+
+
+def _count_image_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count every call to `drm.model.check_images`, wherever a module of drm looks it up."""
+    import sys
+
+    import drm.model
+
+    original = drm.model.check_images
+    calls = [0]
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("drm", "cnn_equiv") and (
+            getattr(module, "check_images", None) is original
+        ):
+            monkeypatch.setattr(module, "check_images", counting)
+    return calls
+
+
+def test_each_em_step_checks_its_batch_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer's step checks its images at the door, once; inner code is unchecked."""
+    from drm.semisupervised import UNLABELLED, LossWeights, SemiSupervisedEM
+
+    model = build(ARCHITECTURES["lenet"], seed=131)
+    x = images(model, 6, seed=132)
+    y = torch.arange(6) % model.num_classes
+    every_term = LossWeights(path_normalization=0.1, min_cross_entropy=0.1, consistency=0.1)
+    trainers = {
+        "generative": GenerativeEM(model, cg_iterations=2, refine_sweeps=2),
+        "discriminative": DiscriminativeEM(model, m_steps=2),
+        "semi-supervised": SemiSupervisedEM(model, every_term),
+    }
+    for name, trainer in trainers.items():
+        labels = torch.where(torch.arange(6) % 3 == 0, UNLABELLED, y) if "semi" in name else y
+        calls = _count_image_checks(monkeypatch)
+        trainer.step(x, labels)
+        assert calls[0] == 1, name
+        monkeypatch.undo()

@@ -88,6 +88,7 @@ def test_bench_all_flop_count_matches_torch_flop_counter(config: dict[str, objec
     assert counter.get_total_flops() == batch * flops_per_image(model)
 
 
+@pytest.mark.slow  # times the zoo-shaped networks
 def test_bench_all_times_imported_networks_against_their_own_forward(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -113,8 +113,6 @@ MAX_MODULE_LINES = 500  # issue 12: past this a module holds two concepts, or sh
 # the modules that may be longer, each with its reason (CONTRIBUTING.md says why)
 LONG_MODULES = {
     "drm/levels.py",  # the level protocol and every kind side by side
-    "drm/shallow.py",  # being split
-    "drm/shallow_em.py",  # being split
 }
 
 

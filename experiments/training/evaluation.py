@@ -43,9 +43,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Test metrics: accuracy, and the cross-entropy (deep) or the mean log p(x) (shallow).
 
-    One pass per batch gives both numbers (the deep accuracy is `drm.em.accuracy`'s, from the
-    same max-sum scores as the loss). With several ranks each evaluates its shard of the test
-    set, and the sums are summed.
+    One pass per batch gives both numbers (the deep accuracy from the same max-sum scores as the
+    loss); this is the library's one accuracy. With several ranks each evaluates its shard of the
+    test set, and the sums are summed.
 
     Args:
         relabel: (C,) the label each component stands for (unsupervised models), else identity.
