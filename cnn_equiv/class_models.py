@@ -38,6 +38,7 @@ from cnn_equiv._checks import (
     cnn_input_shape,
     dtype_device,
 )
+from drm import sampling
 from drm.inference import max_sum
 from drm.model import (
     DeepRenderingModel,
@@ -156,12 +157,8 @@ class MapRendering(NamedTuple):
 
 def default_latents(model: DeepRenderingModel, batch: int) -> Latents:
     """Every level's `default_latent` (every switch ON, every pooled unit on the first cell of
-    its window) for `batch` images."""
-    model = check_model(model)
-    return tuple(
-        level.default_latent(batch, model.device) if level.has_latent else None
-        for level in model.levels
-    )
+    its window) for `batch` images; `drm.sampling.default_latents` after a check of the model."""
+    return sampling.default_latents(check_model(model), batch)
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:

@@ -3,8 +3,10 @@
 `sample(model, n, prior="factorized" | "cnn")`: the class from pi, the latents from the factorized
 prior (each switch ON with its level's prior_on, each translation uniform) or, on tiny models,
 exactly from the CNN prior of eq. 4 by enumeration (`drm.reference.sample_cnn_prior`), then
-x = mu(c, z) + eps. Its own module: it uses both drm.model and drm.reference, which uses
-drm.model, so no module imports in a circle.
+x = mu(c, z) + eps. `default_latents(model, batch)`: every level's default latent (every switch
+ON, every pooled unit on the first cell of its window), the starting point of the class models.
+Its own module: it uses both drm.model and drm.reference, which uses drm.model, so no module
+imports in a circle.
 """
 
 from __future__ import annotations
@@ -71,4 +73,13 @@ def sample(
         return Sample(x, classes, latents)
 
 
-__all__ = ["Sample", "sample", "sample_factorized_latents"]
+def default_latents(model: DeepRenderingModel, batch: int) -> Latents:
+    """Every level's `default_latent` (every switch ON, every pooled unit on the first cell of
+    its window) for `batch` images."""
+    return tuple(
+        level.default_latent(batch, model.device) if level.has_latent else None
+        for level in model.levels
+    )
+
+
+__all__ = ["Sample", "default_latents", "sample", "sample_factorized_latents"]
