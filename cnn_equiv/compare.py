@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from cnn_equiv.cnn import record_latents
 from cnn_equiv.mapping import to_cnn
+from drm.checks import check_count, check_flag
 from drm.inference import max_sum
 from drm.model import DeepRenderingModel, check_images, logit_offset
 from drm.reference import DEFAULT_MAX_CONFIGURATIONS, exact_map, num_configurations
@@ -128,6 +129,9 @@ def inference_gap(
         (B, C) detached gap, or None when not enumerated.
     """
     x = check_images(model, x)
+    if exact is not None:
+        check_flag(exact, "exact")
+    check_count(max_configurations, "max_configurations", 1)
     expected = (x.shape[0], model.num_classes)
     if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__

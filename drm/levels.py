@@ -250,12 +250,27 @@ class Level(nn.Module):
         raise NotImplementedError
 
 
-class Conv(Level):
-    """Convolutional templates: bottom-up conv2d + bias, top-down conv_transpose2d."""
+class TemplateLevel(Level):
+    """A level whose templates are its `weight` (Conv, Dense, Classes): E3 needs them
+    non-negative."""
 
     has_templates = True
-    field_rule = "window"
     template_name = "templates"
+    weight: nn.Parameter
+
+    @property
+    def templates(self) -> nn.Parameter:
+        return self.weight
+
+    def exactness_violations(self) -> list[str]:
+        count = int((self.weight < 0).sum())
+        return [f"{count} negative {self.template_name}"] if count else []
+
+
+class Conv(TemplateLevel):
+    """Convolutional templates: bottom-up conv2d + bias, top-down conv_transpose2d."""
+
+    field_rule = "window"
 
     def __init__(self, spec: ConvSpec, weight: Tensor, bias: Tensor) -> None:
         super().__init__()
@@ -275,14 +290,6 @@ class Conv(Level):
     @property
     def spec(self) -> ConvSpec:
         return self._spec
-
-    @property
-    def templates(self) -> nn.Parameter:
-        return self.weight
-
-    def exactness_violations(self) -> list[str]:
-        count = int((self.weight < 0).sum())
-        return [f"{count} negative {self.template_name}"] if count else []
 
     def _output_shape(self, in_shape: Shape) -> Shape:
         s = self._spec
@@ -339,12 +346,10 @@ class Conv(Level):
         return self.render_with_templates(g, torch.ones_like(self.weight))
 
 
-class Dense(Level):
+class Dense(TemplateLevel):
     """Fully connected templates: bottom-up linear + bias, top-down multiplication by W."""
 
-    has_templates = True
     field_rule = "dense"  # every input unit reaches every output unit
-    template_name = "templates"
 
     def __init__(self, spec: DenseSpec, weight: Tensor, bias: Tensor) -> None:
         super().__init__()
@@ -362,14 +367,6 @@ class Dense(Level):
     @property
     def spec(self) -> DenseSpec:
         return self._spec
-
-    @property
-    def templates(self) -> nn.Parameter:
-        return self.weight
-
-    def exactness_violations(self) -> list[str]:
-        count = int((self.weight < 0).sum())
-        return [f"{count} negative {self.template_name}"] if count else []
 
     def offset(self) -> Tensor:
         """The additive term of the bottom-up map, (out,)."""

@@ -106,6 +106,10 @@ def test_inference_gap_is_the_one_rule_of_the_report_and_of_detection() -> None:
     assert drm_view(model, x, exact=False).exact_gap is None
     with pytest.raises(ValueError, match="scores must be the"):
         cnn_equiv.inference_gap(model, x, scores[:, :1])
+    with pytest.raises(TypeError, match="exact must be a bool"):
+        cnn_equiv.inference_gap(model, x, scores, exact=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_configurations must be >= 1"):
+        cnn_equiv.inference_gap(model, x, scores, max_configurations=0)
 
 
 def test_the_old_name_warns_and_is_the_report() -> None:
