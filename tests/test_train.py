@@ -256,6 +256,18 @@ def test_a_run_config_is_the_command_line(tmp_path: Path) -> None:
         RunConfig(algo="dem", amp="bf16", smoke=True)
     with pytest.raises(ValueError, match="--entropy-weight applies to --algo ssl"):
         RunConfig(algo="sgd", entropy_weight=1.0, out=tmp_path)
+    # the command line's value checks hold for a config made in Python
+    for bad, message in [
+        ({"epochs": 0}, "--epochs must be >= 1, got 0"),
+        ({"batch_size": True}, "--batch-size must be an int, got bool"),
+        ({"lr": -1e-3}, "--lr must be > 0"),
+        ({"lr_decay": float("nan")}, "--lr-decay"),
+        ({"optimizer": "adamw"}, "--optimizer must be one of"),
+        ({"algo": "ssl", "class_balance_target": "flat"}, "--class-balance-target must be one"),
+        ({"algo": "ssl", "entropy_weight": -0.5}, "--entropy-weight must be >= 0"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            RunConfig(**{"out": tmp_path, **bad})
 
 
 # --- --labels and the semi-supervised algorithm ----------------------------------------------

@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from drm.checks import check_count, check_nonnegative
 from drm.semisupervised import TERMS, LossWeights
 
 
@@ -79,7 +80,19 @@ SSL_ONLY = ("labelled_batch_size", "consistency_shift", "class_balance_target",
 # Metric keys that measure time (they differ between an uninterrupted and a resumed run).
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "elapsed", "images_per_second")
 DIST_TIMEOUT = 120.0  # seconds; --dist-timeout
+# The numeric settings and their ranges (the command line's positive_int / positive float types)
+POSITIVE_INTS = ("epochs", "batch_size", "m_steps", "num_classes", "labels", "labelled_batch_size",
+                 "consistency_shift", "template_size", "cg_iterations", "refine_sweeps", "threads",
+                 "limit_train", "limit_test", "eval_batch_size")  # fmt: skip
+POSITIVE_FLOATS = ("lr", "lr_decay", "em_step_size", "dist_timeout")
 SMOKE_IMAGES = 256  # --smoke: the training images (at most)
+
+
+def _choices(annotation: Any) -> list[str]:
+    """The strings of a `Literal[...]` or `Literal[...] | None` annotation; [] for other types."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [c for arg in get_args(annotation) if get_origin(arg) is Literal for c in get_args(arg)]
 
 
 @dataclass(frozen=True)
@@ -159,7 +172,22 @@ class RunConfig:
         self._check()
 
     def _check(self) -> None:
-        """The combinations of settings that make no sense, refused by option name."""
+        """The values and combinations of settings that make no sense, refused by option name
+        (the command line's own checks, for a config made in Python)."""
+        hints = get_type_hints(RunConfig)
+        for field in dataclasses.fields(self):
+            value, option = getattr(self, field.name), f"--{field.name.replace('_', '-')}"
+            choices = _choices(hints[field.name])
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{option} must be one of {choices}, got {value!r}")
+            if value is None:
+                continue
+            if field.name in POSITIVE_INTS:
+                check_count(value, option, 1)
+            elif field.name in POSITIVE_FLOATS:
+                check_nonnegative(value, option, positive=True)
+            elif field.name.endswith("_weight"):
+                check_nonnegative(value, option)
         if self.out is None and not self.smoke:
             raise ValueError("--out DIR is required (except with --smoke)")
         if self.resume and self.overwrite:
