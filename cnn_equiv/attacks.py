@@ -38,21 +38,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnn_equiv._checks import (
+from cnn_equiv.cnn import input_shape_of
+from drm.checks import (
     PixelRange,
     check_alphas,
     check_attack_labels,
     check_batch,
+    check_classes,
     check_classifier,
-    check_count,
+    check_images,
+    check_int_at_least,
     check_labels,
     check_nonnegative,
     check_pixel_range,
     dtype_device,
 )
-from cnn_equiv.cnn import input_shape_of
 from drm.inference import latents_or_max_sum, max_sum
-from drm.model import DeepRenderingModel, Latents, check_classes, check_images, render
+from drm.model import DeepRenderingModel, Latents, unchecked_rendering_terms
 
 # --- the classifier as a function --------------------------------------------------------------
 
@@ -169,7 +171,7 @@ def iterative_attack(
     x = check_batch(classifier, x)
     epsilon = check_nonnegative(epsilon, "epsilon")
     step = check_nonnegative(step, "step", positive=True)
-    steps = check_count(steps, "steps")
+    steps = check_int_at_least(steps, "steps")
     clamp = check_pixel_range(clamp, x)
     labels, targeted = check_attack_labels(y, target, x.shape[0])
     clean = x.detach()
@@ -211,7 +213,7 @@ def template_direction(
     target = check_classes(model, target, x.shape[0])
     with torch.no_grad():
         latents = latents_or_max_sum(model, x, latents)
-        mu = render(model, target, latents).detach()
+        mu = unchecked_rendering_terms(model, target, latents)[0].detach()
         norm = mu.flatten(1).norm(dim=1)  # (B,)
         scale = torch.where(norm > 0, 1 / norm.clamp_min(torch.finfo(mu.dtype).tiny), 0)
         return mu * scale.view(-1, 1, 1, 1)
@@ -342,7 +344,7 @@ def fooling_images(
         (B, C0, H, W) images, detached, in the classifier's dtype and on its device.
     """
     classifier = check_classifier(classifier)
-    steps = check_count(steps, "steps", minimum=0)
+    steps = check_int_at_least(steps, "steps", minimum=0)
     step_size = check_nonnegative(step_size, "step_size", positive=True)
     l2 = check_nonnegative(l2, "l2")
     clamp = check_pixel_range(clamp)

@@ -30,26 +30,21 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from cnn_equiv._checks import (
-    check_count,
+from cnn_equiv.cnn import cnn_input_shape
+from drm import sampling
+from drm.checks import (
+    check_classes,
+    check_images,
+    check_int_at_least,
+    check_latents,
     check_model,
     check_nonnegative,
     check_unit_indices,
-    cnn_input_shape,
     dtype_device,
 )
-from drm import sampling
-from drm.inference import max_sum
-from drm.model import (
-    DeepRenderingModel,
-    Latents,
-    check_classes,
-    check_images,
-    check_latents,
-    gaussian_log_joint,
-    rendering_terms,
-)
-from drm.refine import refine_latents
+from drm.inference import walk_up
+from drm.model import DeepRenderingModel, Latents, gaussian_log_joint, unchecked_rendering_terms
+from drm.refine import coordinate_ascent
 
 
 class ClassScoreMaximization(NamedTuple):
@@ -99,7 +94,7 @@ def maximize_class_score(
     """
     if not isinstance(cnn, nn.Module):
         raise TypeError(f"cnn must be a torch nn.Module, got {type(cnn).__name__}")
-    steps = check_count(steps, "steps", minimum=0)
+    steps = check_int_at_least(steps, "steps", minimum=0)
     lr = check_nonnegative(lr, "lr", positive=True)
     l2 = check_nonnegative(l2, "l2")
     init_scale = check_nonnegative(init_scale, "init_scale")
@@ -193,8 +188,8 @@ def map_rendering(
         `MapRendering(image, latents, trace, steps, converged)`.
     """
     model = check_model(model)
-    steps = check_count(steps, "steps", minimum=0)
-    max_sweeps = check_count(max_sweeps, "max_sweeps")
+    steps = check_int_at_least(steps, "steps", minimum=0)
+    max_sweeps = check_int_at_least(max_sweeps, "max_sweeps")
     with torch.no_grad():
         if start is None:
             batch = c.shape[0] if isinstance(c, Tensor) and c.ndim == 1 else 1
@@ -202,7 +197,7 @@ def map_rendering(
         elif isinstance(start, Tensor):
             start = check_images(model, start, "start")
             batch = start.shape[0]
-            latents = max_sum(model, start)[1]
+            latents = walk_up(model, start).latents
         elif isinstance(start, (tuple, list)):
             sizes = [z.shape[0] for z in start if isinstance(z, Tensor)]
             batch = sizes[0] if sizes else (c.shape[0] if isinstance(c, Tensor) else 1)
@@ -214,7 +209,7 @@ def map_rendering(
         classes = check_classes(model, c, batch)
 
         def rendered(z: Latents) -> tuple[Tensor, Tensor]:
-            mu, log_prior = rendering_terms(model, classes, z)
+            mu, log_prior = unchecked_rendering_terms(model, classes, z)
             return mu, gaussian_log_joint(model, mu, mu, log_prior)
 
         mu, value = rendered(latents)
@@ -222,7 +217,7 @@ def map_rendering(
         converged = False
         done = 0
         for _ in range(steps):
-            refined, _, _ = refine_latents(model, mu, classes, latents, max_sweeps)
+            refined, _, _ = coordinate_ascent(model, mu, classes, latents, max_sweeps)
             if all(_same(a, b) for a, b in zip(refined, latents, strict=True)):
                 converged = True
                 break

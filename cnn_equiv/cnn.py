@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from drm.checks import check_input_shape
+
 
 class EquivalentCNN(nn.Sequential):
     """A CNN whose forward pass equals bottom-up max-sum in a Deep Rendering Model.
@@ -68,7 +70,8 @@ def input_shape_of(
     dims: str = "(C, H, W)",
     attribute: bool = False,
 ) -> tuple[int, ...]:
-    """`shape`, or else the input shape `net` carries, checked to be three positive sizes.
+    """`shape`, or else the input shape `net` carries, checked to be three positive sizes
+    (`drm.checks.check_input_shape`).
 
     Args:
         net: the network whose input shape is the default: an `EquivalentCNN`'s `input_shape`,
@@ -86,10 +89,18 @@ def input_shape_of(
         if default is None:
             raise ValueError(missing)
         shape = default
-    sizes = tuple(int(s) for s in shape)
-    if len(sizes) != 3 or min(sizes) < 1:
-        raise ValueError(f"{name} must be {dims} with positive sizes, got {sizes}")
-    return sizes
+    return check_input_shape(shape, name, dims)
+
+
+def cnn_input_shape(cnn: nn.Module, shape: Sequence[int] | None) -> tuple[int, ...]:
+    """(C0, H, W): `shape`, or the input shape of an `EquivalentCNN`."""
+    return input_shape_of(
+        cnn,
+        shape,
+        "shape=(C0, H, W) is needed for a CNN that is no EquivalentCNN",
+        name="shape",
+        dims="(C0, H, W)",
+    )
 
 
 def iter_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from cnn_equiv.cnn import record_latents
 from cnn_equiv.mapping import to_cnn
-from drm.checks import check_count, check_flag
-from drm.inference import max_sum
-from drm.model import DeepRenderingModel, check_images, logit_offset
+from drm.checks import check_count, check_flag, check_images
+from drm.inference import walk_up
+from drm.model import DeepRenderingModel, logit_offset
 from drm.reference import DEFAULT_MAX_CONFIGURATIONS, exact_map, num_configurations
 
 
@@ -170,7 +170,7 @@ def comparison_report(
     finally:
         cnn.train(was_training)
     with torch.no_grad():
-        scores, latents = max_sum(model, x)
+        scores, latents, _ = walk_up(model, x)
     difference = (seen.logits.to(scores.dtype) - scores).detach()
     shift = float(difference.mean())
     kinds = [level.latent_kind for level in model.levels]

@@ -24,25 +24,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cnn_equiv._checks import (
+from cnn_equiv.attacks import fgsm, fool_with_template, iterative_attack, minimal_template_alpha
+from cnn_equiv.compare import inference_gap
+from drm.checks import (
     PixelRange,
-    check_count,
+    check_classes,
+    check_images,
+    check_int_at_least,
     check_labels,
     check_nonnegative,
     check_pixel_range,
 )
-from cnn_equiv.attacks import fgsm, fool_with_template, iterative_attack, minimal_template_alpha
-from cnn_equiv.compare import inference_gap
-from drm.inference import max_sum
-from drm.model import (
-    DeepRenderingModel,
-    check_classes,
-    check_images,
-    gaussian_log_joint,
-    rendering_terms,
-)
+from drm.inference import max_sum, walk_up
+from drm.model import DeepRenderingModel, gaussian_log_joint, unchecked_rendering_terms
 from drm.reference import DEFAULT_MAX_CONFIGURATIONS
-from drm.refine import refine_latents
+from drm.refine import coordinate_ascent
 
 # An attack for `detection_report`: (model, x (B, C0, H, W), y (B,)) -> adversarial x.
 Attack = Callable[[DeepRenderingModel, Tensor, Tensor], Tensor]
@@ -133,15 +129,15 @@ def drm_view(
         A `DRMView` of (B,) tensors (and the (B, C) scores, (B, C0, H, W) renderings).
     """
     x = check_images(model, x).detach()
-    max_sweeps = check_count(max_sweeps, "max_sweeps")
+    max_sweeps = check_int_at_least(max_sweeps, "max_sweeps")
     with torch.no_grad():
-        scores, latents = max_sum(model, x)
+        scores, latents, _ = walk_up(model, x)
         scores = scores.detach()
         predicted = scores.argmax(1)
         classes = predicted if classes is None else check_classes(model, classes, x.shape[0])
         chosen = scores.gather(1, classes[:, None])[:, 0]  # (B,)
         # one top-down pass for both the rendering and the log-joint (`drm.log_joint`)
-        mu, log_prior = rendering_terms(model, classes, latents)
+        mu, log_prior = unchecked_rendering_terms(model, classes, latents)
         joint = gaussian_log_joint(model, x, mu, log_prior).detach()
         mu = mu.detach()
         flat_x, flat_mu = x.flatten(1), mu.flatten(1)  # (B, D)
@@ -151,7 +147,7 @@ def drm_view(
         scale = torch.where(energy > 0, inner / energy.clamp_min(torch.finfo(x.dtype).tiny), 0)
         # ||x - s mu||^2 directly (not ||x||^2 - <x, mu>^2 / ||mu||^2: no cancellation)
         scaled_error = ((flat_x - scale[:, None] * flat_mu) ** 2).sum(1)
-        _, refined, sweeps = refine_latents(model, x, classes, latents, max_sweeps=max_sweeps)
+        _, refined, sweeps = coordinate_ascent(model, x, classes, latents, max_sweeps)
         gap_bound = refined.detach() - chosen
         gap = inference_gap(model, x, scores, exact=exact, max_configurations=max_configurations)
         exact_gap = None if gap is None else gap.gather(1, classes[:, None])[:, 0]
@@ -222,7 +218,7 @@ def default_attacks(
     class with `minimal_template_alpha` (inf, i.e. unreachable, leaves the image unchanged).
     """
     epsilon = check_nonnegative(epsilon, "epsilon", positive=True)
-    steps = check_count(steps, "steps")
+    steps = check_int_at_least(steps, "steps")
     clamp = check_pixel_range(clamp)
 
     def fgsm_attack(model: DeepRenderingModel, x: Tensor, y: Tensor) -> Tensor:

@@ -26,21 +26,22 @@ from typing import NamedTuple, TypedDict
 import torch
 from torch import Tensor, nn
 
-from cnn_equiv._checks import (
-    check_count,
+from cnn_equiv._walks import leaf_layer, output_shape, run_to, walk_down
+from cnn_equiv.cnn import cnn_input_shape
+from cnn_equiv.units import bottom_up_to
+from drm.checks import (
+    check_images,
     check_int,
+    check_int_at_least,
     check_level_index,
     check_model,
     check_nonnegative,
     check_switch_rule,
-    cnn_input_shape,
     dtype_device,
 )
-from cnn_equiv._walks import leaf_layer, output_shape, run_to, walk_down
-from cnn_equiv.units import bottom_up_to
 from drm.inference import latents_or_max_sum, max_sum
 from drm.levels import SwitchRule
-from drm.model import DeepRenderingModel, Latents, check_images
+from drm.model import DeepRenderingModel, Latents
 
 
 def relative_error(x: Tensor, x0: Tensor, scale_invariant: bool = False) -> Tensor:
@@ -120,7 +121,7 @@ def invert_by_optimization(
     Returns:
         `FeatureInversion(image, trace)`.
     """
-    steps = check_count(steps, "steps", minimum=0)
+    steps = check_int_at_least(steps, "steps", minimum=0)
     tv_weight = check_nonnegative(tv_weight, "tv_weight")
     lr = check_nonnegative(lr, "lr", positive=True)
     init_scale = check_nonnegative(init_scale, "init_scale")

@@ -28,16 +28,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from cnn_equiv._checks import (
+from cnn_equiv._walks import layer_output, one_hot, output_shape, walk_down
+from drm.checks import (
+    check_classes,
+    check_images,
     check_level_index,
     check_model,
     check_switch_rule,
     check_unit_indices,
 )
-from cnn_equiv._walks import layer_output, one_hot, output_shape, walk_down
 from drm.inference import latents_or_max_sum
 from drm.levels import SwitchRule
-from drm.model import DeepRenderingModel, Latents, check_classes, check_images
+from drm.model import DeepRenderingModel, Latents
 
 
 class Unit(NamedTuple):

@@ -26,10 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cnn_equiv._checks import check_count, check_level_index, check_model, check_unit_indices
 from cnn_equiv._walks import one_hot, output_shape, walk_down
+from drm.checks import (
+    check_images,
+    check_int_at_least,
+    check_latents,
+    check_level_index,
+    check_model,
+    check_unit_indices,
+)
 from drm.inference import max_sum, walk_up
-from drm.model import DeepRenderingModel, Latents, check_images, check_latents
+from drm.model import DeepRenderingModel, Latents
 
 
 def _check_units(model: DeepRenderingModel, level_index: int, units: object) -> Tensor:
@@ -216,7 +223,7 @@ def top_patches(
     if not 0 <= channel < shape[0]:
         raise ValueError(f"channel must lie in [0, {shape[0]}) for this level, got {channel}")
     per_image = math.prod(shape[1:])  # positions of the channel in one image (1 if flat)
-    k = check_count(k, "k")
+    k = check_int_at_least(k, "k")
     if k > images.shape[0] * per_image:
         raise ValueError(
             f"k={k} exceeds the {images.shape[0] * per_image} placements of the unit in the data"

@@ -30,12 +30,11 @@ from drm.config import (
     SwitchSpec,
     lenet_config,
 )
+from drm.deep_model import DeepRenderingModel, Latents
 from drm.em import DiscriminativeEM, GenerativeEM
 from drm.inference import frozen_scores, max_sum
 from drm.levels import AvgPool, Classes, Conv, Dense, Flatten, Level, MaxPool, Switch
 from drm.model import (
-    DeepRenderingModel,
-    Latents,
     log_joint,
     logit_offset,
     render,
@@ -97,6 +96,7 @@ SUBMODULES = (
     "checks",
     "config",
     "data",
+    "deep_model",
     "distributed",
     "em",
     "inference",

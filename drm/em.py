@@ -56,13 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from drm.checks import check_classes, check_images
 from drm.distributed import Reduce, reduce_together
 from drm.inference import propagate_up, walk_up
 from drm.model import (
     DeepRenderingModel,
     Latents,
-    check_classes,
-    check_images,
     propagate_down,
     walk_down,
 )

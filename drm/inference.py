@@ -18,11 +18,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from drm.checks import check_images, check_latents
 from drm.model import (
     DeepRenderingModel,
     Latents,
-    check_images,
-    check_latents,
     factorized_log_prior,
     gaussian_log_likelihood,
     propagate_down,
@@ -96,8 +95,9 @@ def walk_up(
     record_inputs: bool = False,
     *,
     minimize: bool = False,
+    start: int = 0,
 ) -> UpWalk:
-    """The one bottom-up walk (no input checks): levels 0, 1, ..., stop - 1 (default: all).
+    """The one bottom-up walk (no input checks): levels start, ..., stop - 1 (default: all).
 
     Every bottom-up pass over a rendering model's levels is a call to this function.
 
@@ -108,16 +108,20 @@ def walk_up(
         stop: walk levels[:stop]; None walks them all.
         record_inputs: also return the bottom-up input of every level walked.
         minimize: with latents None, min-sum instead (`Level.bottom_up_min`, `min_sum`).
+        start: with frozen latents only, walk from level `start`, x being its input (the
+            frozen-latent network above a level, `drm.m_steps`).
     """
     levels = list(model.levels) if stop is None else list(model.levels)[:stop]
     inputs: list[Tensor] = []
     y = x
     if latents is not None:
-        for index, level in enumerate(levels):
+        for index, level in enumerate(levels[start:], start):
             if record_inputs:
                 inputs.append(y)
             y = level.bottom_up_frozen(y, latents[index])
         return UpWalk(y, latents, inputs)
+    if start:
+        raise ValueError("walk_up: start > 0 needs frozen latents")
     chosen: list[Tensor | None] = []
     owned = False  # y is the user's x (or a view of it) until a level returns a new tensor
     for level in levels:

@@ -1,4 +1,8 @@
-"""The Deep Rendering Model: top-down rendering, the log-joint, and ancestral sampling.
+"""The Deep Rendering Model: top-down rendering and the log-joint.
+
+The model class is `drm.deep_model.DeepRenderingModel` (re-exported here with `Latents`); its
+arguments are checked by `drm.checks`, once per public function, which then calls the unchecked
+walks (`propagate_down`, `walk_down`, `unchecked_rendering_terms`).
 
 Rendering, coarse to fine (DESIGN section 3, docs/equivalence.md eq. 1-3): start from the one-hot
 class indicator at the top, walk the levels from the class templates down to the pixels, each level
@@ -22,233 +26,14 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from drm.config import ModelConfig
-from drm.levels import (
-    SWITCH_RULES,
-    AvgPool,
-    Classes,
-    Level,
-    LevelStack,
-    MaxPool,
-    SwitchRule,
-    check_level_list,
-    init_level,
-)
-
-# One entry per level of the model: the level's latent tensor, or None for levels without one.
-Latents = tuple[Tensor | None, ...]
-
-
-class DeepRenderingModel(nn.Module):
-    """A hierarchical rendering model: hidden levels (fine to coarse), then the class templates.
-
-    Args:
-        input_shape: (C0, H, W) of one image.
-        levels: the levels bottom-up, the last one a `Classes` level.
-        sigma2: pixel noise variance sigma^2 > 0.
-
-    The model holds parameters, not data; inference, rendering and sampling are the functions of
-    this package (`drm.max_sum`, `drm.render`, `drm.log_joint`, `drm.sample`, `drm.exact_map`).
-    """
-
-    def __init__(
-        self, input_shape: Sequence[int], levels: Sequence[Level], sigma2: float = 1.0
-    ) -> None:
-        super().__init__()
-        shape = tuple(int(s) for s in input_shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
-        check_level_list(levels)
-        if not (math.isfinite(float(sigma2)) and float(sigma2) > 0):
-            raise ValueError(f"sigma2 must be finite and > 0, got {sigma2}")
-        for i, level in enumerate(levels):
-            for name, tensor in level.state_dict().items():
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    kind = type(level).__name__
-                    raise ValueError(f"levels[{i}].{name} ({kind}) holds NaN or inf")
-        self.input_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
-        self.levels = LevelStack(levels)
-        current: tuple[int, ...] = shape
-        for i, level in enumerate(levels):
-            try:
-                current = level.bind(current)
-            except ValueError as err:
-                raise ValueError(f"levels[{i}] ({type(level).__name__}): {err}") from err
-        dtype = levels[-1].templates.dtype
-        self.register_buffer("sigma2", torch.tensor(float(sigma2), dtype=dtype))
-        self.sigma2: Tensor
-
-    @classmethod
-    def from_config(
-        cls, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32
-    ) -> DeepRenderingModel:
-        """A model with random templates (fan-in uniform, as torch initialises layers).
-
-        Class templates are random too and the class prior is uniform.
-        """
-        generator = torch.Generator().manual_seed(seed)
-        levels: list[Level] = []
-        shape: tuple[int, ...] = config.input_shape
-        for i, spec in enumerate(config.levels):
-            try:
-                level = init_level(spec, shape, generator, dtype)
-                shape = level.bind(shape)
-            except ValueError as err:
-                raise ValueError(f"levels[{i}] ({type(spec).__name__}): {err}") from err
-            levels.append(level)
-        if len(shape) != 1:
-            raise ValueError(
-                f"the last hidden level outputs shape {shape}; the class templates need a "
-                "vector: end the levels with FlattenSpec or DenseSpec"
-            )
-        bound = 1.0 / math.sqrt(shape[0])
-        templates = (
-            torch.rand(config.num_classes, shape[0], generator=generator, dtype=dtype) * 2 - 1
-        ) * bound
-        levels.append(Classes(templates, torch.zeros(config.num_classes, dtype=dtype)))
-        return cls(config.input_shape, levels, config.sigma2)
-
-    @property
-    def config(self) -> ModelConfig:
-        """The architecture of this model (no tensors)."""
-        return ModelConfig(
-            input_shape=self.input_shape,
-            num_classes=self.num_classes,
-            levels=tuple(level.spec for level in list(self.levels)[:-1]),
-            sigma2=float(self.sigma2),
-        )
-
-    @property
-    def classes(self) -> Classes:
-        """The top level."""
-        return cast(Classes, self.levels[-1])  # checked at construction
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.classes.weight.shape[0])
-
-    @property
-    def class_templates(self) -> Tensor:
-        """mu_c, one row per class: (C, D_L)."""
-        return self.classes.weight
-
-    @property
-    def class_log_prior(self) -> Tensor:
-        """log pi_c: (C,)."""
-        return self.classes.log_prior
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.classes.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.classes.weight.device
-
-    @property
-    def latent_levels(self) -> list[int]:
-        """Indices of the levels that carry a latent (switches and translations)."""
-        return [i for i, level in enumerate(self.levels) if level.has_latent]
-
-    def exactness_violations(self) -> list[str]:
-        """Why the sufficient condition for exact max-sum (E3) fails; empty when it holds.
-
-        Max-sum is exact when every top-down signal that reaches a latent is non-negative for
-        every configuration. Sufficient: the class templates and every template above the first
-        latent level are non-negative, and every switch's OFF value (negative_slope) is >= 0.
-        Templates below the first latent level, and all biases, may have any sign.
-        """
-        violations: list[str] = []
-        first_latent = min(self.latent_levels, default=len(self.levels))
-        for i, level in enumerate(self.levels):
-            if i > first_latent:
-                violations += [
-                    f"levels[{i}] ({type(level).__name__}): {violation}"
-                    for violation in level.exactness_violations()
-                ]
-        return violations
-
-    def forward(self, x: Tensor) -> Tensor:
-        raise TypeError(
-            "a DeepRenderingModel is not called directly: use drm.max_sum(model, x) for the "
-            "bottom-up scores, or cnn_equiv.to_cnn(model) for the equivalent CNN"
-        )
-
-
-# --- input validation ------------------------------------------------------------------------
-
-
-def check_images(model: DeepRenderingModel, x: object, name: str = "x") -> Tensor:
-    """Return `x` if it is a batch of images the model accepts, else raise a clear error."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dtype != model.dtype:
-        raise TypeError(
-            f"{name} has dtype {x.dtype} but the model is {model.dtype}; convert one of them "
-            f"(e.g. x.to({model.dtype}) or model.to({x.dtype}))"
-        )
-    if x.device != model.device:
-        raise ValueError(f"{name} is on {x.device} but the model is on {model.device}")
-    if x.ndim != 4 or tuple(x.shape[1:]) != model.input_shape:
-        expected = "(B, {}, {}, {})".format(*model.input_shape)
-        if x.ndim == 4 and x.shape[1] != model.input_shape[0]:
-            raise ValueError(
-                f"{name} has {x.shape[1]} channels but the model expects {model.input_shape[0]}: "
-                f"expected shape {expected}, got {tuple(x.shape)}"
-            )
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
-    # One cheap reduction first: a sum is finite unless some entry is NaN/inf (or it overflows,
-    # which the exact elementwise check then clears).
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    return x
-
-
-def check_classes(model: DeepRenderingModel, classes: object, batch: int | None = None) -> Tensor:
-    """Return `classes` if it is a (B,) int64 tensor of valid class indices."""
-    if not isinstance(classes, Tensor):
-        raise TypeError(f"classes must be a torch.Tensor, got {type(classes).__name__}")
-    if classes.dtype != torch.long:
-        raise TypeError(f"classes must be an int64 tensor, got dtype {classes.dtype}")
-    if classes.ndim != 1 or (batch is not None and classes.shape[0] != batch):
-        want = "(B,)" if batch is None else f"({batch},)"
-        raise ValueError(f"classes must have shape {want}, got {tuple(classes.shape)}")
-    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= model.num_classes):
-        raise ValueError(
-            f"class index out of range: classes must lie in [0, {model.num_classes}), got "
-            f"values in [{int(classes.min())}, {int(classes.max())}]"
-        )
-    return classes.to(model.device)
-
-
-def check_latents(model: DeepRenderingModel, latents: object, batch: int) -> Latents:
-    """Return `latents` if it holds one valid latent per latent level (None elsewhere)."""
-    if not isinstance(latents, (tuple, list)) or len(latents) != len(model.levels):
-        raise ValueError(
-            f"latents must be a sequence with one entry per level ({len(model.levels)}), as "
-            "returned by drm.max_sum"
-        )
-    for i, (level, latent) in enumerate(zip(model.levels, latents, strict=True)):
-        if not level.has_latent:
-            if latent is not None:
-                raise ValueError(f"latents[{i}] must be None: {type(level).__name__} has none")
-            continue
-        if not isinstance(latent, Tensor):
-            raise TypeError(f"latents[{i}] must be a tensor for {type(level).__name__}")
-        try:
-            level.check_latent(latent, batch)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"latents[{i}]: {err}") from err
-    return tuple(latents)
-
+from drm.checks import check_classes, check_images, check_latents, check_switch_rule
+from drm.deep_model import DeepRenderingModel, Latents
+from drm.levels import AvgPool, MaxPool, SwitchRule
 
 # --- top-down rendering ------------------------------------------------------------------------
 
@@ -270,8 +55,7 @@ def top_down(
         the input of level i, signals[-1] is the one-hot class indicator (B, C), and
         signals[0] = h^(0), the rendered image divided by sigma^2.
     """
-    if rule not in SWITCH_RULES:
-        raise ValueError(f"rule must be one of {SWITCH_RULES}, got {rule!r}")
+    rule = check_switch_rule(rule)
     classes = check_classes(model, classes)
     latents = check_latents(model, latents, classes.shape[0])
     return propagate_down(model, classes, latents, rule)
@@ -341,7 +125,17 @@ def rendering_terms(
         mu: (B, C0, H, W), the rendered image mu(c, z) = sigma^2 h^(0).
         log_prior: (B,), log pi_c + sum_l <b^(l), v^(l)>, without the ||mu||^2 term.
     """
-    signals = top_down(model, classes, latents)
+    classes = check_classes(model, classes)
+    return unchecked_rendering_terms(
+        model, classes, check_latents(model, latents, classes.shape[0])
+    )
+
+
+def unchecked_rendering_terms(
+    model: DeepRenderingModel, classes: Tensor, latents: Latents
+) -> tuple[Tensor, Tensor]:
+    """`rendering_terms` without its input checks, for checked inputs."""
+    signals = propagate_down(model, classes, latents)
     log_prior = sum(
         (level.prior_term(out) for level, out in zip(model.levels, signals[1:], strict=True)),
         start=signals[0].new_zeros(signals[0].shape[0]),
@@ -407,7 +201,8 @@ def factorized_log_joint(
     """
     x = check_images(model, x)
     classes = check_classes(model, classes, x.shape[0])
-    mu = render(model, classes, latents)
+    latents = check_latents(model, latents, x.shape[0])
+    mu = unchecked_rendering_terms(model, classes, latents)[0]
     return gaussian_log_likelihood(model, x, mu) + factorized_log_prior(model, classes, latents)
 
 
@@ -420,7 +215,9 @@ def log_joint(model: DeepRenderingModel, x: Tensor, classes: Tensor, latents: La
         latents: latents of B images (one entry per level).
     """
     x = check_images(model, x)
-    mu, log_prior = rendering_terms(model, check_classes(model, classes, x.shape[0]), latents)
+    classes = check_classes(model, classes, x.shape[0])
+    latents = check_latents(model, latents, x.shape[0])
+    mu, log_prior = unchecked_rendering_terms(model, classes, latents)
     return gaussian_log_joint(model, x, mu, log_prior)
 
 
@@ -442,9 +239,6 @@ __all__ = [
     "DeepRenderingModel",
     "Latents",
     "MaxPool",
-    "check_classes",
-    "check_images",
-    "check_latents",
     "factorized_log_joint",
     "factorized_log_prior",
     "gaussian_log_joint",
@@ -454,4 +248,5 @@ __all__ = [
     "render",
     "rendering_terms",
     "top_down",
+    "unchecked_rendering_terms",
 ]

@@ -49,7 +49,8 @@ from pyro.poutine.runtime import InferDict
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from drm.model import DeepRenderingModel, Latents, check_images, rendering_terms
+from drm.checks import check_images
+from drm.model import DeepRenderingModel, Latents, unchecked_rendering_terms
 from drm.reference import num_configurations
 
 # Pyro puts every enumerated site in its own tensor dimension; with the image plate, the event
@@ -163,7 +164,8 @@ def _program(model: DeepRenderingModel, counts: dict[int, list[int]]) -> Program
             for i, values in units.items():
                 digits = torch.stack([v.expand(batch_shape) for v in values], -1)  # (*S, U)
                 latents[i] = model.levels[i].latent_from_digits(digits.reshape(n, len(values)))
-            mu, log_prior = rendering_terms(model, c.expand(batch_shape).reshape(n), tuple(latents))
+            classes = c.expand(batch_shape).reshape(n)
+            mu, log_prior = unchecked_rendering_terms(model, classes, tuple(latents))
             mu = mu.view(*batch_shape, *model.input_shape)  # (*S, C0, H, W)
             energy = (mu**2).sum((-3, -2, -1)) / (2 * model.sigma2)  # (*S,)
             pyro.factor(PRIOR_SITE, log_prior.view(batch_shape) + energy)

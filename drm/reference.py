@@ -21,13 +21,12 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from drm.checks import check_classes, check_images
 from drm.model import (
     DeepRenderingModel,
     Latents,
-    check_classes,
-    check_images,
     gaussian_log_joint,
-    rendering_terms,
+    unchecked_rendering_terms,
 )
 
 DEFAULT_MAX_CONFIGURATIONS = 1_000_000
@@ -87,7 +86,7 @@ def _rendered_chunks(
             for z in configurations(model, index)
         )
         classes = torch.arange(num_classes, device=model.device).repeat(n)  # config-major
-        mu, log_prior = rendering_terms(model, classes, latents)
+        mu, log_prior = unchecked_rendering_terms(model, classes, latents)
         yield start, mu.view(n, num_classes, *model.input_shape), log_prior.view(n, num_classes)
 
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from drm.checks import check_classes, check_images, check_max_sweeps
 from drm.inference import latents_or_max_sum, propagate_up, walk_up
 from drm.levels import Level
-from drm.model import DeepRenderingModel, Latents, check_classes, check_images, walk_down
+from drm.model import DeepRenderingModel, Latents, walk_down
 
 
 def level_inputs(model: DeepRenderingModel, x: Tensor, latents: Latents) -> list[Tensor]:
@@ -65,12 +66,6 @@ def refine_latents(
     with torch.no_grad():
         start = latents_or_max_sum(model, x, latents)
     return coordinate_ascent(model, x, classes, start, max_sweeps)
-
-
-def check_max_sweeps(max_sweeps: int) -> None:
-    """Raise a clear error unless `max_sweeps` >= 1."""
-    if max_sweeps < 1:
-        raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
 
 
 def coordinate_ascent(

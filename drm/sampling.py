@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from drm.model import DeepRenderingModel, Latents, render
+from drm.model import DeepRenderingModel, Latents, unchecked_rendering_terms
 from drm.reference import sample_cnn_prior
 
 
@@ -67,7 +67,7 @@ def sample(
             classes, latents = sample_cnn_prior(model, n, generator, max_configurations)
         else:
             raise ValueError(f"prior must be 'factorized' or 'cnn', got {prior!r}")
-        mu = render(model, classes, latents)
+        mu = unchecked_rendering_terms(model, classes, latents)[0]
         noise = torch.randn(mu.shape, generator=generator, dtype=torch.float64)
         x = mu + model.sigma2.sqrt() * noise.to(mu.device, mu.dtype)
         return Sample(x, classes, latents)

@@ -71,13 +71,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from drm.checks import check_images, check_partial_labels
 from drm.distributed import Reduce, reduce_together
 from drm.em import OptimizerName, make_optimizer, sum_gradients
 from drm.inference import walk_up
 from drm.model import (
     DeepRenderingModel,
     Latents,
-    check_images,
     gaussian_log_likelihood,
     propagate_down,
 )
@@ -299,15 +299,7 @@ class SemiSupervisedEM:
     def check_batch(self, x: Tensor, y: Tensor) -> None:
         """Raise a clear error unless x (B, C0, H, W) and y (B,) (labels or -1) fit the model."""
         check_images(self.model, x)
-        if not isinstance(y, Tensor) or y.dtype != torch.long:
-            raise TypeError("y must be an int64 tensor of labels, -1 for unlabelled images")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < UNLABELLED or int(y.max()) >= self.model.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.model.num_classes}) or be -1 (unlabelled), got "
-                f"values in [{int(y.min())}, {int(y.max())}]"
-            )
+        check_partial_labels(self.model, y, x.shape[0], UNLABELLED)
 
     def e_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Latents, Tensor]:
         """(scores (B, C), latents z*, classes c^ (B,): label, else guess) of checked images."""

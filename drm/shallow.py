@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from drm.checks import check_index, check_real
+from drm.checks import check_index, check_real, check_shallow_images
 from drm.shallow_cnn import ShallowCNNView
 from drm.shallow_config import (
     ScoreMode,
@@ -48,7 +48,6 @@ from drm.shallow_config import (
     ShallowLatents,
     ShallowSample,
     Translation,
-    check_image,
 )
 
 __all__ = [
@@ -254,7 +253,9 @@ class ShallowRenderingModel(nn.Module, ShallowCNNView):
         return torch.log_softmax(self.prior_logits, dim=-1)
 
     def _check_x(self, x: object, name: str = "x") -> Tensor:
-        return check_image(x, name, self.image_shape, self.templates.dtype, self.templates.device)
+        return check_shallow_images(
+            x, name, self.image_shape, self.templates.dtype, self.templates.device
+        )
 
     def _check_switches(self, switches: object, batch: int, required: bool) -> Tensor | None:
         """Validate switches (B,) bool; None means all ON (allowed only when not `required`)."""

@@ -1,11 +1,10 @@
-"""The shallow rendering model's architecture, typed results and input checks.
+"""The shallow rendering model's architecture and typed results.
 
 This module holds `ShallowConfig` (a frozen dataclass, the counterpart of
 `drm.config.ModelConfig`: every architectural choice of a `drm.shallow.ShallowRenderingModel`,
 no tensors), the typed results `ShallowSample` (what `sample` draws) and `ShallowLatents` (the
-joint MAP of `map_latents`), the literal types `Translation` and `ScoreMode`, and `check_image`,
-the check of an image batch against a model's shape, dtype and device. `drm.shallow` re-exports
-every public name.
+joint MAP of `map_latents`) and the literal types `Translation` and `ScoreMode`. `drm.shallow`
+re-exports every public name; the model's image check is `drm.checks.check_shallow_images`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
 
-import torch
 from torch import Tensor
 
 from drm.checks import check_count, check_real
@@ -25,50 +23,12 @@ __all__ = [
     "ShallowLatents",
     "ShallowSample",
     "Translation",
-    "check_image",
 ]
 
 Translation = Literal["circular", "interior", "none"]
 ScoreMode = Literal["max", "sum"]
 TRANSLATIONS: tuple[str, ...] = get_args(Translation)
 MODES: tuple[str, ...] = get_args(ScoreMode)
-
-
-# ----------------------------------------------------------------------------------------------
-# Input validation
-# ----------------------------------------------------------------------------------------------
-
-
-def check_image(
-    x: object,
-    name: str,
-    image_shape: tuple[int, int, int],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    """Check that `x` is a finite (B, C0, H, W) tensor of the model's dtype and device."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor of dtype {dtype}, got dtype {x.dtype}")
-    if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype}, expected the model's dtype {dtype}")
-    if x.device != device:
-        raise ValueError(f"{name} is on device {x.device}, expected the model's device {device}")
-    c0, h, w = image_shape
-    if x.ndim != 4:
-        raise ValueError(
-            f"{name} must have shape (B, C0, H, W) = (B, {c0}, {h}, {w}), got {tuple(x.shape)}"
-        )
-    if x.shape[1] != c0:
-        raise ValueError(f"{name} has {x.shape[1]} channels, expected C0 = {c0}")
-    if tuple(x.shape[2:]) != (h, w):
-        raise ValueError(
-            f"{name} has spatial size {tuple(x.shape[2:])}, expected (H, W) = {(h, w)}"
-        )
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,3 +150,31 @@ def test_the_model_is_not_called_like_a_cnn(model: drm.DeepRenderingModel) -> No
 def test_config_round_trips_through_a_dict() -> None:
     for config in list(ARCHITECTURES.values()) + list(TINY_ARCHITECTURES.values()):
         assert drm.ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_every_check_lives_in_drm_checks(model: drm.DeepRenderingModel) -> None:
+    """One module of checks (`drm.checks`); the model class below it, re-exported above it."""
+    import importlib.util
+
+    from drm import checks, deep_model
+    from drm.semisupervised import UNLABELLED, SemiSupervisedEM
+
+    assert drm.DeepRenderingModel is drm.model.DeepRenderingModel is deep_model.DeepRenderingModel
+    assert importlib.util.find_spec("cnn_equiv._checks") is None
+    # the two count checks keep their callers' messages
+    with pytest.raises(ValueError, match=r"^k must be >= 1, got 0$"):
+        checks.check_count(0, "k", 1)
+    with pytest.raises(ValueError, match=r"^steps must be an int >= 1, got 0$"):
+        checks.check_int_at_least(0, "steps")
+    with pytest.raises(ValueError, match=r"^input_shape must be \(C, H, W\) with positive sizes"):
+        checks.check_input_shape((1, 0, 2))
+    # labels or UNLABELLED, checked once at the semi-supervised trainer's door
+    classes = model.num_classes
+    y = torch.tensor([0, UNLABELLED, classes - 1])
+    assert checks.check_partial_labels(model, y, 3, UNLABELLED) is y
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, {classes}\) or be -1"):
+        checks.check_partial_labels(model, torch.tensor([classes]), 1, UNLABELLED)
+    with pytest.raises(TypeError, match="y must be an int64 tensor of labels, -1 for unlabelled"):
+        checks.check_partial_labels(model, y.double(), 3, UNLABELLED)
+    with pytest.raises(ValueError, match=r"y must have shape \(2,\), got \(1,\)"):
+        SemiSupervisedEM(model).step(images(model, 2), torch.tensor([0]))

@@ -95,4 +95,4 @@ def test_latent_digits_cover_every_configuration_once(name: str) -> None:
     latents = drm.reference.configurations(model, torch.arange(total))
     flat = torch.cat([z.flatten(1).long() for z in latents if z is not None], dim=1)
     assert torch.unique(flat, dim=0).shape[0] == total
-    drm.model.check_latents(model, latents, total)  # every index lies in its window
+    drm.checks.check_latents(model, latents, total)  # every index lies in its window

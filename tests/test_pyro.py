@@ -144,7 +144,7 @@ def test_map_achieves_brute_force_maximum(name: str, sign: str) -> None:
     assert bool((best[:, 0] - best[:, 1] > CLASS_MARGIN).all()), "class tie: pick another seed"
 
     classes, latents = pyro_map(model, x)
-    drm.model.check_latents(model, latents, BATCH)
+    drm.checks.check_latents(model, latents, BATCH)
     assert torch.equal(classes, scores.argmax(1))
     with torch.no_grad():
         torch.testing.assert_close(
