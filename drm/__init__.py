@@ -92,6 +92,7 @@ __all__ = [
 # `import drm`), imported on first use so that `import drm` stays light (pyro is loaded
 # only by drm.pyro_model).
 SUBMODULES = (
+    "averaging",
     "checkpoint",
     "checks",
     "config",
@@ -100,7 +101,9 @@ SUBMODULES = (
     "distributed",
     "em",
     "inference",
+    "level_objective",
     "levels",
+    "m_steps",
     "model",
     "pyro_model",
     "reference",

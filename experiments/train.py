@@ -12,7 +12,8 @@ settings or changed data, and gives the same tensors and metrics, timings aside,
 uninterrupted run.
 
 Algorithms: `sgd` (cnn_equiv.SGDTrainer: cross-entropy on the equivalent CNN), `dem`
-(drm.em.DiscriminativeEM: max-sum E-step, --m-steps gradient steps with latents frozen), `em`
+(drm.em.DiscriminativeEM: max-sum E-step, --m-steps gradient steps with latents frozen; --m-step
+exact-top, block or large-batch: the exact M-steps of drm.m_steps), `em`
 (drm.em.GenerativeEM on a deep model; drm.shallow_em.ShallowEM, supervised, on --model shallow),
 `ssl` (drm.semisupervised.SemiSupervisedEM: max-sum E-step, one Adam step on cross-entropy +
 reconstruction + entropy + non-negativity, ...; docs/semisupervised.md). `--labels N` labels only
@@ -33,6 +34,7 @@ Command:
     python -m experiments.train --algo sgd --data mnist --epochs 2 --out runs/sgd
     python -m experiments.train --algo sgd --data mnist --epochs 4 --out runs/sgd --resume
     python -m experiments.train --algo dem --m-steps 3 --data mnist --epochs 2 --out runs/dem
+    python -m experiments.train --algo dem --m-step exact-top --data digits --out runs/exact
     python -m experiments.train --algo em --model shallow --data digits --epochs 10 --out runs/em
     python -m experiments.train --algo ssl --labels 100 --data mnist --out runs/ssl
     python -m experiments.train --smoke       # digits, 256 images, 1 epoch; used by the tests
@@ -57,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from drm import distributed
+from drm.m_steps import DEFAULT_ETA, M_STEPS
 from experiments._cli import EXPECTED_ERRORS, Parser, one_line, positive_int
 from experiments.training.config import (
     DEFAULTS,
@@ -143,6 +146,20 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--m-steps", type=positive_int, default=1, help="DEM gradient steps")
+    parser.add_argument(
+        "--m-step",
+        choices=tuple(M_STEPS),
+        default=None,
+        help="dem: the M-step design (drm.m_steps); "
+        + "; ".join(f"{name}: {line}" for name, line in M_STEPS.items()),
+    )
+    parser.add_argument(
+        "--m-step-eta",
+        type=_positive_float,
+        default=None,
+        help=f"dem, exact M-steps: the proximal step length eta of each level's solve "
+        f"(default {DEFAULT_ETA:g})",
+    )
     parser.add_argument(
         "--num-classes",
         type=positive_int,

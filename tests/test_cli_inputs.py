@@ -81,6 +81,8 @@ CASES: list[tuple[str, Command, list[str], str]] = [
     ("negative lr", _train, [*SMALL, "--lr", "-1", "--out", "{new}"], "--lr"),
     ("nan lr", _train, [*SMALL, "--lr", "nan", "--out", "{new}"], "--lr"),
     ("unknown algo", _train, [*SMALL, "--algo", "bogus", "--out", "{new}"], "--algo"),
+    ("unknown m-step", _train, [*SMALL, "--algo", "dem", "--m-step", "bogus", "--out", "{new}"],
+     "--m-step"),
     ("labels not a multiple", _train, [*SMALL, "--labels", "55", "--out", "{new}"], "--labels"),
     ("labels beyond the set", _train, [*SMALL, "--labels", "1000", "--out", "{new}"], "--labels"),
     ("diverging lr", _train, [*SMALL, "--lr", "1e30", "--out", "{new}"], "--lr"),

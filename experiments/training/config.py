@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from drm.checks import check_count, check_nonnegative
+from drm.m_steps import DEFAULT_ETA, M_STEPS, MStepName
 from drm.semisupervised import TERMS, LossWeights
 
 
@@ -36,6 +37,8 @@ ESSENTIAL = (
     "lr",
     "lr_decay",
     "m_steps",
+    "m_step",
+    "m_step_eta",
     "seed",
     "limit_train",
     "limit_test",
@@ -57,7 +60,7 @@ ESSENTIAL = (
 # Per-algorithm defaults of the settings given as None.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7},
-    "dem": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7},
+    "dem": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7, "m_step": "gradient"},
     "em": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7},
     # the semi-supervised defaults, chosen by measurement (docs/semisupervised.md)
     "ssl": {
@@ -72,7 +75,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # The value of a setting that runs written before it existed were made with (their
 # config.json lacks the key), per algorithm: a resumed run is compared with it.
-LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"ssl": {"class_balance_target": "prior"}}
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
+    "ssl": {"class_balance_target": "prior"},
+    "dem": {"m_step": "gradient"},  # before --m-step, every dem run took gradient M-steps
+}
 SSL_WEIGHTS = LossWeights()  # the default weight of each semi-supervised term
 # The settings that only --algo ssl reads (None for the other algorithms).
 SSL_ONLY = ("labelled_batch_size", "consistency_shift", "class_balance_target",
@@ -84,7 +90,7 @@ DIST_TIMEOUT = 120.0  # seconds; --dist-timeout
 POSITIVE_INTS = ("epochs", "batch_size", "m_steps", "num_classes", "labels", "labelled_batch_size",
                  "consistency_shift", "template_size", "cg_iterations", "refine_sweeps", "threads",
                  "limit_train", "limit_test", "eval_batch_size")  # fmt: skip
-POSITIVE_FLOATS = ("lr", "lr_decay", "em_step_size", "dist_timeout")
+POSITIVE_FLOATS = ("lr", "lr_decay", "em_step_size", "dist_timeout", "m_step_eta")
 SMOKE_IMAGES = 256  # --smoke: the training images (at most)
 
 
@@ -119,6 +125,8 @@ class RunConfig:
     lr_decay: float | None = None  # lr factor per epoch; None: 0.7 (ssl: 0.93)
     optimizer: Literal["adam", "sgd"] = "adam"
     m_steps: int = 1  # DEM: gradient steps per batch
+    m_step: MStepName | None = None  # DEM: the M-step design (drm.m_steps); None: gradient
+    m_step_eta: float | None = None  # DEM, exact M-steps: proximal step length; None: 1.0
     num_classes: int | None = None  # the class count K; None: max label + 1 (checked)
     labels: int | None = None  # label only N training images (balanced); None: all labelled
     labelled_batch_size: int | None = None  # ssl: labelled images per batch (None: 32)
@@ -157,8 +165,13 @@ class RunConfig:
             raise ValueError(f"--algo must be one of {', '.join(DEFAULTS)}, got {self.algo!r}")
         if self.algo != "ssl" and given:
             raise ValueError(f"--{given[0].replace('_', '-')} applies to --algo ssl")
+        if self.algo != "dem" and self.m_step is not None:
+            raise ValueError("--m-step applies to --algo dem")
         filled: dict[str, Any] = {k: v for k, v in DEFAULTS[self.algo].items()
                                   if getattr(self, k) is None}  # fmt: skip
+        exact = self.algo == "dem" and self.m_step not in (None, "gradient")
+        if exact and self.m_step_eta is None:
+            filled["m_step_eta"] = DEFAULT_ETA
         if self.algo == "ssl":
             filled |= {f"{term}_weight": weight for term, weight in SSL_WEIGHTS.items()
                        if getattr(self, f"{term}_weight") is None}  # fmt: skip
@@ -202,6 +215,11 @@ class RunConfig:
             raise ValueError("--refine-sweeps applies to --algo em on a deep model")
         if self.amp is not None and self.algo != "sgd":
             raise ValueError("--amp applies to --algo sgd")
+        exact = self.algo == "dem" and self.m_step != "gradient"
+        if self.m_step_eta is not None and not exact:
+            raise ValueError("--m-step-eta applies to --algo dem with an exact --m-step")
+        if exact and self.m_steps != 1:
+            raise ValueError("--m-steps applies to --m-step gradient")
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with `changes` (checked again)."""
@@ -217,6 +235,8 @@ class RunConfig:
         return LossWeights(**{term: getattr(self, f"{term}_weight") for term in TERMS})
 
 
+# the --m-step choices are drm.m_steps' designs
+assert _choices(get_type_hints(RunConfig)["m_step"]) == list(M_STEPS)
 # a term added to LossWeights needs its --TERM-weight field above
 assert {f"{term}_weight" for term in TERMS} <= {f.name for f in dataclasses.fields(RunConfig)}
 

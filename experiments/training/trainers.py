@@ -1,7 +1,8 @@
 """The model and the trainer of a run: built from its `RunConfig`, stepped by the loop.
 
 Algorithms: `sgd` (cnn_equiv.SGDTrainer: cross-entropy on the equivalent CNN), `dem`
-(drm.em.DiscriminativeEM: max-sum E-step, `m_steps` gradient steps with latents frozen), `em`
+(drm.em.DiscriminativeEM: max-sum E-step, `m_steps` gradient steps with latents frozen; or
+another M-step design of drm.m_steps, `m_step`), `em`
 (drm.em.GenerativeEM on a deep model; drm.shallow_em.ShallowEM, supervised, on the shallow
 model), `ssl` (drm.semisupervised.SemiSupervisedEM; docs/semisupervised.md). Under torchrun the
 trainers sum their statistics over the ranks (`drm.distributed.all_reduce_`).
@@ -18,7 +19,8 @@ from cnn_equiv import SGDTrainer
 from drm import distributed
 from drm.config import small_config
 from drm.data import Dataset
-from drm.em import DiscriminativeEM, GenerativeEM, Trainer
+from drm.em import GenerativeEM, Trainer
+from drm.m_steps import discriminative_em
 from drm.semisupervised import SemiSupervisedEM
 from drm.shallow import ShallowRenderingModel
 from drm.shallow_em import ShallowEM, init_from_class_means, init_from_kmeans
@@ -71,8 +73,15 @@ def build_trainer(config: RunConfig, model: Any) -> Trainer:
             model, optimizer=config.optimizer, lr=config.lr, reduce=reduce, amp=config.amp
         )
     if config.algo == "dem":
-        return DiscriminativeEM(
-            model, m_steps=config.m_steps, optimizer=config.optimizer, lr=config.lr, reduce=reduce
+        assert config.m_step is not None  # filled in by RunConfig for dem
+        return discriminative_em(
+            model,
+            config.m_step,
+            m_steps=config.m_steps,
+            optimizer=config.optimizer,
+            lr=config.lr,
+            eta=config.m_step_eta,
+            reduce=reduce,
         )
     if config.algo == "ssl":
         assert config.consistency_shift is not None and config.class_balance_target is not None
