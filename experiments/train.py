@@ -102,6 +102,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """The command line as a RunConfig (the defaults of --algo filled in); usage errors exit 2."""
     parser = Parser(prog="python -m experiments.train", description=__doc__.split("\n")[0])
@@ -143,6 +150,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         default=None,
         help=f"lr factor per epoch (sgd, dem, ssl); default 0.7 (ssl: "
         f"{DEFAULTS['ssl']['lr_decay']:g})",
+    )
+    parser.add_argument(
+        "--average-decay",
+        type=_decay,
+        default=None,
+        help="dem, ssl: evaluate and save the moving average of the parameters, "
+        "theta_avg <- d theta_avg + (1 - d) theta after every step (drm.averaging); "
+        f"default {DEFAULTS['ssl']['average_decay']:g} for ssl, 0 (off) otherwise",
     )
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--m-steps", type=positive_int, default=1, help="DEM gradient steps")

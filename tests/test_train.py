@@ -164,6 +164,8 @@ RESUME_RUNS = [
     *ALGORITHMS,
     # an exact M-step (drm.m_steps): its solver state and epoch counts resume too
     pytest.param(["--algo", "dem", "--m-step", "exact-top"], id="dem-exact-top"),
+    # parameter averaging (drm.averaging): the saved model is the average, the state the iterate
+    pytest.param(["--algo", "ssl", "--labels", "20", "--average-decay", "0.9"], id="ssl-average"),
     # channels_last resumes: slow (test_channels_last_trains_the_same_model keeps the layout fast)
     *(
         pytest.param([*p.values[0], "--channels-last"], id=f"{p.id}-cl", marks=pytest.mark.slow)
@@ -432,6 +434,33 @@ def test_an_ssl_run_from_before_the_uniform_default_resumes_with_its_prior_targe
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
     run(tmp_path, *argv, "--resume", epochs=2)
     assert len(json.loads((tmp_path / METRICS).read_text())) == 2
+
+
+@pytest.mark.parametrize("algo", ["sgd", "dem", "em", "ssl"])
+def test_a_run_from_before_parameter_averaging_resumes(tmp_path: Path, algo: str) -> None:
+    """Runs written before --average-decay have no such key: they compare as 0 (off)."""
+    argv = ["--algo", algo, *(["--labels", "50"] if algo == "ssl" else [])]
+    run(tmp_path, *argv, epochs=1)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["args"]["average_decay"]
+    config_path.write_text(json.dumps(config))
+    if algo in ("dem", "ssl"):
+        with pytest.raises(train.RunError, match="--average-decay 0.0 .stored. vs 0.5"):
+            run(tmp_path, *argv, "--average-decay", "0.5", "--resume", epochs=2)
+    run(tmp_path, *argv, "--resume", epochs=2)
+    assert len(json.loads((tmp_path / METRICS).read_text())) == 2
+
+
+def test_average_decay_is_refused_outside_dem_and_ssl(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--algo", "sgd", "--average-decay", "0.9"], ["--average-decay", "1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--smoke", *argv])
+    err = capsys.readouterr().err
+    assert "--average-decay applies to --algo dem and ssl" in err
+    assert "must be a number in [0, 1), got 1" in err
+    with pytest.raises(ValueError, match="--average-decay must be in"):
+        train.RunConfig(algo="ssl", smoke=True, average_decay=1.5)
 
 
 # --- one-line errors -------------------------------------------------------------------------

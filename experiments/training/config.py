@@ -36,6 +36,7 @@ ESSENTIAL = (
     "optimizer",
     "lr",
     "lr_decay",
+    "average_decay",
     "m_steps",
     "m_step",
     "m_step_eta",
@@ -59,14 +60,15 @@ ESSENTIAL = (
 )
 # Per-algorithm defaults of the settings given as None.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "sgd": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7},
-    "dem": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7, "m_step": "gradient"},
-    "em": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7},
+    "sgd": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7, "average_decay": 0.0},
+    "dem": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7, "m_step": "gradient", "average_decay": 0.0},
+    "em": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7, "average_decay": 0.0},
     # the semi-supervised defaults, chosen by measurement (docs/semisupervised.md)
     "ssl": {
         "epochs": 25,
         "lr": 1e-3,
         "lr_decay": 0.93,
+        "average_decay": 0.0,
         "labelled_batch_size": 32,
         "consistency_shift": 2,
         # the uniform target kept two of three label draws from collapsing into one class
@@ -76,8 +78,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # The value of a setting that runs written before it existed were made with (their
 # config.json lacks the key), per algorithm: a resumed run is compared with it.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
-    "ssl": {"class_balance_target": "prior"},
-    "dem": {"m_step": "gradient"},  # before --m-step, every dem run took gradient M-steps
+    "sgd": {"average_decay": 0.0},  # before --average-decay, no run averaged its parameters
+    "ssl": {"class_balance_target": "prior", "average_decay": 0.0},
+    "dem": {"m_step": "gradient", "average_decay": 0.0},  # before --m-step: gradient M-steps
+    "em": {"average_decay": 0.0},
 }
 SSL_WEIGHTS = LossWeights()  # the default weight of each semi-supervised term
 # The settings that only --algo ssl reads (None for the other algorithms).
@@ -123,6 +127,8 @@ class RunConfig:
     batch_size: int | None = None  # None: 64 (16 below 10,000 training images)
     lr: float | None = None  # the first epoch's learning rate; None: 2e-3 (ssl: 1e-3)
     lr_decay: float | None = None  # lr factor per epoch; None: 0.7 (ssl: 0.93)
+    # dem, ssl: the run's model is the moving average of the iterates (drm.averaging); 0: off
+    average_decay: float | None = None  # None: the algorithm's default (DEFAULTS)
     optimizer: Literal["adam", "sgd"] = "adam"
     m_steps: int = 1  # DEM: gradient steps per batch
     m_step: MStepName | None = None  # DEM: the M-step design (drm.m_steps); None: gradient
@@ -213,6 +219,10 @@ class RunConfig:
             raise ValueError("--channels-last applies to the deep models")
         if self.refine_sweeps is not None and (self.algo != "em" or self.model == "shallow"):
             raise ValueError("--refine-sweeps applies to --algo em on a deep model")
+        if self.average_decay is not None and not 0 <= self.average_decay < 1:
+            raise ValueError(f"--average-decay must be in [0, 1), got {self.average_decay!r}")
+        if self.average_decay and self.algo not in ("dem", "ssl"):
+            raise ValueError("--average-decay applies to --algo dem and ssl")
         if self.amp is not None and self.algo != "sgd":
             raise ValueError("--amp applies to --algo sgd")
         exact = self.algo == "dem" and self.m_step != "gradient"

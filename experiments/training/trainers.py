@@ -17,6 +17,7 @@ import torch
 import drm
 from cnn_equiv import SGDTrainer
 from drm import distributed
+from drm.averaging import ParameterAverage
 from drm.config import small_config
 from drm.data import Dataset
 from drm.em import GenerativeEM, Trainer
@@ -60,7 +61,18 @@ def shallow_init(config: RunConfig, data: Dataset) -> ShallowRenderingModel:
 
 
 def build_trainer(config: RunConfig, model: Any) -> Trainer:
-    """The trainer of `config.algo` for `model` (trained in place, except SGD's CNN copy)."""
+    """The trainer of `config.algo` for `model` (trained in place, except SGD's CNN copy).
+
+    With `average_decay` > 0 (dem, ssl) it is wrapped in `drm.averaging.ParameterAverage`: the
+    run's model is then the moving average of the iterates.
+    """
+    trainer = _algorithm_trainer(config, model)
+    if config.average_decay:
+        return ParameterAverage(trainer, config.average_decay)
+    return trainer
+
+
+def _algorithm_trainer(config: RunConfig, model: Any) -> Trainer:
     shallow = isinstance(model, ShallowRenderingModel)
     if config.algo in ("sgd", "dem", "ssl") and shallow:
         raise RunError(f"--algo {config.algo} trains a deep model: use --model lenet or small")
