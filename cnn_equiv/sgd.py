@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnn_equiv.mapping import to_cnn, to_drm
+from drm.checks import check_labelled_batch
 from drm.distributed import Reduce
-from drm.em import OptimizerName, check_batch, make_optimizer, sum_gradients
+from drm.em import OptimizerName, make_optimizer, sum_gradients
 from drm.model import DeepRenderingModel
 
 AmpName = Literal["bf16"]
@@ -76,7 +77,7 @@ class SGDTrainer:
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
 
     def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
-        check_batch(self._reference, x, y)
+        check_labelled_batch(self._reference, x, y)
         empty = x.shape[0] == 0
         if empty and self.reduce is None:
             raise ValueError("x must hold at least one image, got an empty batch")

@@ -9,7 +9,8 @@ unchecked code (`propagate_down`, `walk_up`, `coordinate_ascent`, ...). What is 
   `check_max_sweeps`;
 * shapes and index tensors: `check_input_shape` (a (C, H, W) image shape), `check_index`;
 * the deep model (`drm.deep_model.DeepRenderingModel`): `check_model`, `check_images`,
-  `check_classes`, `check_latents`, `check_partial_labels` (labels, or a mark for none;
+  `check_classes`, `check_latents`, `check_labelled_batch` (a trainer's images and labels),
+  `check_partial_labels` (labels, or a mark for none;
   `drm.semisupervised`), its levels and units (`check_level_index`,
   `check_unit_indices`) and the switch rules of the top-down pass (`check_switch_rule`);
 * the shallow model: `check_shallow_images`;
@@ -52,6 +53,7 @@ __all__ = [
     "check_input_shape",
     "check_int",
     "check_int_at_least",
+    "check_labelled_batch",
     "check_latents",
     "check_level_index",
     "check_max_sweeps",
@@ -301,6 +303,13 @@ def check_switch_rule(rule: object) -> SwitchRule:
     if rule not in SWITCH_RULES:
         raise ValueError(f"rule must be one of {SWITCH_RULES}, got {rule!r}")
     return cast(SwitchRule, rule)
+
+
+def check_labelled_batch(model: DeepRenderingModel, x: object, y: object) -> None:
+    """Raise a clear error unless x (B, C0, H, W) and labels y (B,) fit the model (a trainer's
+    batch)."""
+    x = check_images(model, x)
+    check_classes(model, y, x.shape[0])
 
 
 def check_partial_labels(

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drm.checks import check_classes, check_images
+from drm.checks import check_labelled_batch
 from drm.distributed import Reduce, reduce_together
 from drm.inference import propagate_up, walk_up
 from drm.model import (
@@ -117,12 +117,6 @@ def make_optimizer(
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
-def check_batch(model: DeepRenderingModel, x: Tensor, y: Tensor) -> None:
-    """Raise a clear error unless x (B, C0, H, W) and labels y (B,) fit the model."""
-    check_images(model, x)
-    check_classes(model, y, x.shape[0])
-
-
 class DiscriminativeEM:
     """Batch discriminative EM: max-sum E-step, then `m_steps` gradient steps with latents frozen.
 
@@ -152,7 +146,7 @@ class DiscriminativeEM:
         self.reduce = reduce
 
     def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
-        check_batch(self.model, x, y)
+        check_labelled_batch(self.model, x, y)
         empty = x.shape[0] == 0
         if empty and self.reduce is None:
             raise ValueError("x must hold at least one image, got an empty batch")
@@ -342,7 +336,7 @@ class GenerativeEM:
 
     def e_step(self, x: Tensor, y: Tensor) -> Latents:
         """The latents of the batch's images with their labels: bottom-up, then refined."""
-        check_batch(self.model, x, y)
+        check_labelled_batch(self.model, x, y)
         return self._e_step(x, y)
 
     def _e_step(self, x: Tensor, y: Tensor) -> Latents:
@@ -392,7 +386,7 @@ class GenerativeEM:
 
     def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
         """E-step and one M-step per visited level; `share` is not needed (sums over images)."""
-        check_batch(self.model, x, y)
+        check_labelled_batch(self.model, x, y)
         if x.shape[0] == 0 and self.reduce is None:
             raise ValueError("x must hold at least one image, got an empty batch")
         model = self.model

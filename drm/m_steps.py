@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from drm.checks import check_labelled_batch
 from drm.distributed import Reduce
 from drm.em import (
     DiscriminativeEM,
     OptimizerName,
     Trainer,
-    check_batch,
     make_optimizer,
     sum_gradients,
 )
@@ -95,7 +95,7 @@ class _SolveCounts:
 
 
 def _checked(model: DeepRenderingModel, x: Tensor, y: Tensor, reduce: Reduce | None) -> None:
-    check_batch(model, x, y)
+    check_labelled_batch(model, x, y)
     if x.shape[0] == 0 and reduce is None:
         raise ValueError("x must hold at least one image, got an empty batch")
 

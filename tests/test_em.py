@@ -214,12 +214,12 @@ def test_trainer_arguments_are_checked() -> None:
 
 
 def _count_image_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count every call to `drm.model.check_images`, wherever a module of drm looks it up."""
+    """Count every call to `drm.checks.check_images`, wherever a module of drm looks it up."""
     import sys
 
-    import drm.model
+    import drm.checks
 
-    original = drm.model.check_images
+    original = drm.checks.check_images
     calls = [0]
 
     def counting(*args: object, **kwargs: object) -> torch.Tensor:
