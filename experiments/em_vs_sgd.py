@@ -31,8 +31,9 @@ MNIST epoch (training + evaluation): Adam and DEM(1) about 19 s, DEM(3) 50 s, ge
 (docs/results.md's runs); the others scaled from DEM(1) by their cost per training image on
 digits upsampled to 28x28 (LeNet, batch 64, 1 thread): exact-top 1.7x, reconstruction +
 cross-entropy 3.4x, block 12-15x, large-batch 30-38x (two runs; generative EM there 11x, on
-MNIST 13x). Rows x epochs x 3 seeds: Adam sweep 8 x 6 (~50 min), dem-gradient ~6 min, dem3 ~15 min, exact-top ~9 min,
-block ~1 h, large-batch 2.5-3 h, gem 2 epochs ~20 min, gem_ce ~6 min. --only splits it.
+MNIST 13x). Rows x epochs x 3 seeds: Adam sweep 8 x 6 (~50 min), dem-gradient ~6 min, dem3
+~15 min, exact-top ~9 min, block ~1 h, large-batch 2.5-3 h, gem 2 epochs ~20 min, gem_ce
+~6 min. --only splits it.
 
 Expected output: the claim of the NIPS 2016 abstract (EM trains 2-3x faster than
 back-propagation) holds here only if an EM row's ratio to the best-tuned Adam is at most 0.5;
