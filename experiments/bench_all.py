@@ -5,9 +5,10 @@ images (`drm.data.load_mnist()`), with the thread count stated in the output:
 
 1. throughput (images/s) of every algorithm of the library: `drm.max_sum` and the `to_cnn(model)`
    forward pass (inference), one training step of SGD (`SGDTrainer.step`), of discriminative EM
-   with 1 and 3 M-steps, of generative EM (`GenerativeEM.step`, default settings), of
-   semi-supervised EM (`SemiSupervisedEM.step`, default terms, a third of the batch labelled;
-   its time per step is also given as a multiple of the SGD step's on the same batch), an
+   with 1 and 3 M-steps and with the exact-top and block M-steps (`--m-step`), of generative EM
+   (`GenerativeEM.step`, default settings), of semi-supervised EM (`SemiSupervisedEM.step`,
+   default terms, a third of the batch labelled; its time per step is also given as a multiple
+   of the SGD step's on the same batch), an
    epoch-equivalent of shallow EM (`ShallowEM.step` over the images + `end_epoch`, 28x28 images,
    26x26 templates at the 9 interior placements), and `drm.exact_map` on a tiny model; each deep
    algorithm also with the model in channels_last memory format

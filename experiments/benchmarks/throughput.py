@@ -1,9 +1,10 @@
 """Section 1 of experiments/bench_all.py: the throughput (images/s) of every algorithm.
 
 `throughput(args, data, device)` times max_sum and the `to_cnn` forward, one training step of
-SGD, discriminative EM (1 and 3 M-steps), generative EM and semi-supervised EM, each with the
-model in NCHW and in channels_last memory format; an epoch-equivalent of shallow EM; and
-`drm.exact_map` against max_sum on a tiny model. One row per algorithm.
+SGD, discriminative EM (1 and 3 M-steps, the exact-top and block M-step designs), generative EM
+and semi-supervised EM, each with the model in NCHW and in channels_last memory format; an
+epoch-equivalent of shallow EM; and `drm.exact_map` against max_sum on a tiny model. One row per
+algorithm.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import drm
 from cnn_equiv import SGDTrainer, to_cnn
 from drm.em import DiscriminativeEM, GenerativeEM
+from drm.m_steps import discriminative_em
 from drm.semisupervised import UNLABELLED, SemiSupervisedEM
 from drm.shallow_em import ShallowEM, init_from_class_means
 from experiments._bench import (
@@ -64,6 +66,9 @@ def throughput(args: argparse.Namespace, data: Any, device: torch.device) -> lis
         trainers[f"SGD step (Adam)/{k}"] = SGDTrainer(copy.deepcopy(m))
         trainers[f"DEM step, 1 M-step/{k}"] = DiscriminativeEM(copy.deepcopy(m), m_steps=1)
         trainers[f"DEM step, 3 M-steps/{k}"] = DiscriminativeEM(copy.deepcopy(m), m_steps=3)
+        # the M-step designs that solve levels exactly (drm.m_steps; --m-step)
+        for design in ("exact-top", "block"):
+            trainers[f"DEM step, {design} M-step/{k}"] = discriminative_em(copy.deepcopy(m), design)
         trainers[f"generative EM step/{k}"] = GenerativeEM(copy.deepcopy(m))
         trainers[f"{SSL_STEP}/{k}"] = SemiSupervisedEM(copy.deepcopy(m))
     # the semi-supervised step on the same images, a third of them labelled (32 + 64 by default)
