@@ -438,14 +438,20 @@ def test_an_ssl_run_from_before_the_uniform_default_resumes_with_its_prior_targe
 
 @pytest.mark.parametrize("algo", ["sgd", "dem", "em", "ssl"])
 def test_a_run_from_before_parameter_averaging_resumes(tmp_path: Path, algo: str) -> None:
-    """Runs written before --average-decay have no such key: they compare as 0 (off)."""
-    argv = ["--algo", algo, *(["--labels", "50"] if algo == "ssl" else [])]
+    """Runs written before --average-decay have no such key: they compare as 0 (off), so they
+    resume with it (ssl, whose default is now on: only with --average-decay 0)."""
+    argv = ["--algo", algo]
+    if algo == "ssl":
+        argv += ["--labels", "50", "--average-decay", "0"]
     run(tmp_path, *argv, epochs=1)
     config_path = tmp_path / "config.json"
     config = json.loads(config_path.read_text())
     del config["args"]["average_decay"]
     config_path.write_text(json.dumps(config))
-    if algo in ("dem", "ssl"):
+    if algo == "ssl":
+        with pytest.raises(train.RunError, match="--average-decay 0.0 .stored. vs 0.999"):
+            run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
+    if algo == "dem":
         with pytest.raises(train.RunError, match="--average-decay 0.0 .stored. vs 0.5"):
             run(tmp_path, *argv, "--average-decay", "0.5", "--resume", epochs=2)
     run(tmp_path, *argv, "--resume", epochs=2)
