@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from drm.checkpoint import atomic_write
-from experiments._cli import Parser, positive_int, run_command
+from experiments._cli import Parser, positive_float, positive_int, run_command
 from experiments.training import RunConfig, RunError, run
 from experiments.training.rundir import CHECKPOINT
 
@@ -284,13 +284,6 @@ def _seed(text: str) -> int:
     return value
 
 
-def _learning_rate(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog="python -m experiments.em_vs_sgd", description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="mnist")
@@ -299,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2], help="one run each")
     parser.add_argument(
         "--adam-lrs",
-        type=_learning_rate,
+        type=positive_float,
         nargs="+",
         default=list(ADAM_LRS),
         help="the Adam sweep's learning rates",

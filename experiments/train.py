@@ -60,7 +60,7 @@ from typing import Any
 
 from drm import distributed
 from drm.m_steps import DEFAULT_ETA, M_STEPS
-from experiments._cli import EXPECTED_ERRORS, Parser, one_line, positive_int
+from experiments._cli import EXPECTED_ERRORS, Parser, one_line, positive_float, positive_int
 from experiments.training.config import (
     DEFAULTS,
     DIST_TIMEOUT,
@@ -92,13 +92,6 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -140,13 +133,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     parser.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help=f"the first epoch's; default 2e-3 (ssl: {DEFAULTS['ssl']['lr']:g})",
     )
     parser.add_argument(
         "--lr-decay",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help=f"lr factor per epoch (sgd, dem, ssl); default 0.7 (ssl: "
         f"{DEFAULTS['ssl']['lr_decay']:g})",
@@ -170,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     parser.add_argument(
         "--m-step-eta",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help=f"dem, exact M-steps: the proximal step length eta of each level's solve "
         f"(default {DEFAULT_ETA:g})",
@@ -245,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     parser.add_argument(
         "--em-step-size",
-        type=_positive_float,
+        type=positive_float,
         default=0.5,
         help="deep EM: step towards the CG solution",
     )
@@ -270,7 +263,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     parser.add_argument(
         "--dist-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=DIST_TIMEOUT,
         help=f"torchrun: seconds before a collective that a rank never joins fails "
         f"(default {DIST_TIMEOUT:g})",
