@@ -23,7 +23,7 @@ from cnn_equiv.mapping import to_cnn
 from drm.checks import check_count, check_flag, check_images
 from drm.inference import walk_up
 from drm.model import DeepRenderingModel, logit_offset
-from drm.reference import DEFAULT_MAX_CONFIGURATIONS, exact_map, num_configurations
+from drm.reference import DEFAULT_MAX_CONFIGURATIONS, num_configurations, unchecked_exact_map
 
 
 @dataclass
@@ -140,7 +140,7 @@ def inference_gap(
     if not (exact if exact is not None else total <= max_configurations):
         return None
     with torch.no_grad():
-        best, _ = exact_map(model, x, max_configurations=max(total, max_configurations))
+        best, _ = unchecked_exact_map(model, x, total)  # x checked above
         return (best + logit_offset(model, x)[:, None] - scores).detach()
 
 

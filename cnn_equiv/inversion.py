@@ -39,7 +39,7 @@ from drm.checks import (
     check_switch_rule,
     dtype_device,
 )
-from drm.inference import latents_or_max_sum, max_sum
+from drm.inference import latents_or_max_sum, walk_up
 from drm.levels import SwitchRule
 from drm.model import DeepRenderingModel, Latents
 
@@ -219,7 +219,7 @@ def invert_by_rendering(
     x0 = check_images(model, x0, "x0")
     with torch.no_grad():
         latents = latents_or_max_sum(model, x0, latents)
-        features = bottom_up_to(model, x0, level_index)
+        features = walk_up(model, x0, stop=level_index + 1).output  # x0 checked above
         return model.sigma2 * walk_down(model, features, level_index, latents, rule)
 
 
@@ -275,7 +275,7 @@ def inversion_report(
         optimization_objective=[],
     )
     with torch.no_grad():
-        latents = max_sum(model, x0)[1]  # x0's CNN latents, shared by every level's rendering
+        latents = walk_up(model, x0).latents  # x0's CNN latents, for every level's rendering
     for level_index in level_indices:
         level_index = check_level_index(model, level_index)
         table["level"].append(level_index)
@@ -286,7 +286,7 @@ def inversion_report(
         with torch.no_grad():
             # the level's features: rendered down here (`invert_by_rendering`), and the target
             # of the optimisation below
-            target = bottom_up_to(model, x0, level_index)
+            target = walk_up(model, x0, stop=level_index + 1).output  # checked inputs
             rendered = model.sigma2 * walk_down(model, target, level_index, latents, "drm")
         table["rendering_error"].append(float(relative_error(rendered, x0).mean()))
         table["rendering_scale_invariant_error"].append(

@@ -110,9 +110,16 @@ def exact_map(
     """
     x = check_images(model, x)
     total = _check_size(model, max_configurations)
-    batch, num_classes = x.shape[0], model.num_classes
     if classes is not None:
-        classes = check_classes(model, classes, batch)
+        classes = check_classes(model, classes, x.shape[0])
+    return unchecked_exact_map(model, x, total, classes)
+
+
+def unchecked_exact_map(
+    model: DeepRenderingModel, x: Tensor, total: int, classes: Tensor | None = None
+) -> tuple[Tensor, Latents]:
+    """`exact_map` for checked inputs: `total` is the model's number of configurations."""
+    batch, num_classes = x.shape[0], model.num_classes
     pixels = math.prod(model.input_shape)
     chunk = max(1, _CHUNK_ELEMENTS // (batch * num_classes * pixels))
     best = x.new_full((batch, num_classes), -math.inf)
