@@ -22,6 +22,7 @@ import torch
 
 import drm
 from cnn_equiv.mapping import to_cnn
+from drm.averaging import ParameterAverage
 from drm.checkpoint import load_checkpoint
 from drm.config import ModelConfig
 from drm.data import labelled_subset
@@ -412,9 +413,14 @@ def test_the_class_balance_target_reaches_the_trainer_and_binds_the_run(tmp_path
     run(tmp_path, *argv, epochs=1)
     args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
     model = load_checkpoint(tmp_path / CHECKPOINT).model
-    assert build_trainer(args, model).balance_target == "prior"
+    # the ssl default wraps the trainer in the parameter average (drm.averaging)
+    trainer = build_trainer(args, model)
+    assert isinstance(trainer, ParameterAverage)
+    assert trainer.trainer.balance_target == "prior"  # type: ignore[attr-defined]
     default = train.parse_args([*SMALL, "--algo", "ssl", "--out", str(tmp_path)])
-    assert build_trainer(default, model).balance_target == "uniform"
+    trainer = build_trainer(default, model)
+    assert isinstance(trainer, ParameterAverage)
+    assert trainer.trainer.balance_target == "uniform"  # type: ignore[attr-defined]
     with pytest.raises(train.RunError, match="--class-balance-target 'prior' .stored. vs 'unif"):
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
 
