@@ -529,6 +529,12 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(
         next(model.parameters())[0] = float("nan")
     with pytest.raises(train.RunError, match="no longer finite .*epoch 2 is kept"):
         check_finite(model, 3)
+    # the trainer's state too: the live iterate behind a parameter average diverges first
+    with torch.no_grad():
+        next(model.parameters())[0] = 0.0
+    state = {"trainer": {}, "live": {"levels.0.weight": torch.tensor([1.0, float("inf")])}}
+    with pytest.raises(train.RunError, match="trainer state's live.levels.0.weight is no longer"):
+        check_finite(model, 3, state)
 
 
 def test_resume_mismatch_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,6 +25,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,13 +185,30 @@ def train_epoch(
     return total / max(count, 1), summary, len(batches)
 
 
-def check_finite(model: Any, epoch: int) -> None:
-    """Raise RunError when a parameter or buffer of `model` is NaN or infinite (divergence)."""
-    for name, tensor in model.state_dict().items():
+def _tensors(value: Any, prefix: str) -> Iterator[tuple[str, Tensor]]:
+    """(path, tensor) of every tensor in nested dicts and lists (a trainer's state)."""
+    if isinstance(value, Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{prefix}[{index}]")
+
+
+def check_finite(model: Any, epoch: int, state: dict[str, Any] | None = None) -> None:
+    """Raise RunError when a parameter or buffer of `model`, or a tensor of the trainer's `state`
+    (e.g. the live iterate behind a parameter average, an optimizer's moments), is NaN or
+    infinite (divergence): nothing non-finite is ever checkpointed."""
+    tensors = [(f"model's {name}", t) for name, t in model.state_dict().items()]
+    if state is not None:
+        tensors += [(f"trainer state's {path}", t) for path, t in _tensors(state, "")]
+    for name, tensor in tensors:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "nothing saved"
             raise RunError(
-                f"epoch {epoch}: the model's {name} is no longer finite (training diverged; "
+                f"epoch {epoch}: the {name} is no longer finite (training diverged; "
                 f"{kept}); try a lower --lr"
             )
 
@@ -335,7 +353,8 @@ def _train(config: RunConfig, out: Path, device: torch.device) -> dict[str, Any]
         train_loss, summary, steps = train_epoch(trainer, data, config, epoch, device, labelled)
         trained = time.perf_counter()
         current = trainer.current_model()
-        check_finite(current, epoch)
+        state = trainer.state_dict()  # checked here, then checkpointed below
+        check_finite(current, epoch, state)
         relabel = None
         if isinstance(current, ShallowRenderingModel) and config.unsupervised:
             # clusters carry no labels: score each as the majority label of its training images
@@ -361,7 +380,7 @@ def _train(config: RunConfig, out: Path, device: torch.device) -> dict[str, Any]
         }
         metrics.append(record)
         save = functools.partial(
-            rundir.save_run, out, current, trainer.state_dict(), run_config, metrics, labelled
+            rundir.save_run, out, current, state, run_config, metrics, labelled
         )
         agreed(save if lead else nothing)
         if config.progress and lead:
