@@ -13,7 +13,7 @@ unchecked code (`propagate_down`, `walk_up`, `coordinate_ascent`, ...). What is 
   `check_partial_labels` (labels, or a mark for none;
   `drm.semisupervised`), its levels and units (`check_level_index`,
   `check_unit_indices`) and the switch rules of the top-down pass (`check_switch_rule`);
-* the shallow model: `check_shallow_images`;
+* the shallow model: `check_shallow_images`, `check_shallow_labels`;
 * a torch network and what the attacks take: `dtype_device`, `check_classifier`, `check_batch`,
   `check_labels`, `check_attack_labels`, `check_pixel_range` (`PixelRange`), `check_alphas`.
 
@@ -63,6 +63,7 @@ __all__ = [
     "check_positive",
     "check_real",
     "check_shallow_images",
+    "check_shallow_labels",
     "check_switch_rule",
     "check_unit_indices",
     "dtype_device",
@@ -329,6 +330,30 @@ def check_partial_labels(
 
 
 # --- the shallow model -------------------------------------------------------------------------
+
+
+def check_shallow_labels(
+    y: object, batch: int, num_classes: int, device: torch.device, supervised: bool
+) -> Tensor | None:
+    """None (every image unlabelled), or (batch,) int64 labels on `device`, in [0, C) or -1
+    (unlabelled) when `supervised` (unsupervised EM ignores their values): the shallow model's
+    EM (`drm.shallow_em`)."""
+    if y is None:
+        return None
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a torch.Tensor or None, got {type(y).__name__}")
+    if y.dtype != torch.long:
+        raise TypeError(f"y must have dtype torch.int64 (long), got {y.dtype}")
+    if y.device != device:
+        raise ValueError(f"y is on device {y.device}, expected the model's device {device}")
+    if tuple(y.shape) != (batch,):
+        raise ValueError(f"y must have shape (B,) = ({batch},), got {tuple(y.shape)}")
+    if supervised and y.numel() > 0 and (int(y.min()) < -1 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) or be -1 (unlabelled), got values in "
+            f"[{int(y.min())}, {int(y.max())}]"
+        )
+    return y
 
 
 def check_shallow_images(

@@ -69,7 +69,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drm.checks import check_count, check_flag, check_positive, check_real
+from drm.checks import (
+    check_count,
+    check_flag,
+    check_positive,
+    check_real,
+    check_shallow_labels,
+)
 from drm.distributed import Reduce, reduce_together
 from drm.shallow import ShallowRenderingModel
 from drm.shallow_init import init_from_class_means, init_from_kmeans, kmeans
@@ -229,26 +235,9 @@ class ShallowEM:
 
     def _check_labels(self, y: object, batch: int) -> Tensor | None:
         """Validate y (B,) long; returns the labels to use (None: all unlabelled)."""
-        if y is None:
-            return None
         device = self.model.templates.device
-        if not isinstance(y, Tensor):
-            raise TypeError(f"y must be a torch.Tensor or None, got {type(y).__name__}")
-        if y.dtype != torch.long:
-            raise TypeError(f"y must have dtype torch.int64 (long), got {y.dtype}")
-        if y.device != device:
-            raise ValueError(f"y is on device {y.device}, expected the model's device {device}")
-        if tuple(y.shape) != (batch,):
-            raise ValueError(f"y must have shape (B,) = ({batch},), got {tuple(y.shape)}")
-        if not self.supervised:
-            return None
-        num_classes = self.model.num_classes
-        if y.numel() > 0 and (int(y.min()) < -1 or int(y.max()) >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) or be -1 (unlabelled), got values in "
-                f"[{int(y.min())}, {int(y.max())}]"
-            )
-        return y
+        labels = check_shallow_labels(y, batch, self.model.num_classes, device, self.supervised)
+        return labels if self.supervised else None
 
     def log_joint_table(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x_n, c, g, a) in float64 for every (c, g, a), -inf where a label forbids c.
