@@ -5,9 +5,10 @@ parameters (`drm.level_objective`: J_l, the mean cross-entropy of the frozen-lat
 a proximal term ||theta - theta_old||^2 / (2 eta), minimised by Newton-CG). The designs
 (`M_STEPS`; `python -m experiments.train --algo dem --m-step NAME`):
 * "gradient": `drm.em.DiscriminativeEM` unchanged: `m_steps` optimizer steps (1: SGD, E9).
-* "exact-top" (`ExactTopEM`): the class level solved to optimality on the batch's frozen
-  features, then one optimizer (Adam) step for every lower level, on the gradient of the
-  frozen-latent cross-entropy with the new class level (block Gauss-Seidel, one E-step).
+* "exact-top" (`ExactTopEM`): the class level solved to optimality on the frozen features of
+  the last 16 batches (a cache), then one optimizer (Adam) step for every lower level, on the
+  gradient of the batch's frozen-latent cross-entropy with the new class level (block
+  Gauss-Seidel, one E-step).
 * "block" (`BlockEM`): every level with parameters, coarse to fine, gets a few Newton-CG steps
   on its own J_l, the others fixed; `cycles` passes per batch, the E-step redone before each
   (default one cycle: one E-step per batch). Coarse to fine keeps every level's cached input
@@ -58,7 +59,7 @@ MStepName = Literal["gradient", "exact-top", "block", "large-batch"]
 # name -> one line (the command line's --help)
 M_STEPS: dict[str, str] = {
     "gradient": "--m-steps optimizer steps on the frozen-latent cross-entropy (SGD/Adam; default)",
-    "exact-top": "class level solved exactly (Newton-CG, proximal term) + one Adam step below",
+    "exact-top": "class level solved exactly on the last 16 batches' features, one Adam step below",
     "block": "a few Newton-CG steps per level, coarse to fine, E-step per batch, no learning rate",
     "large-batch": "block M-steps on 16 minibatches at once, 2 sweeps, no learning rate",
 }
@@ -105,15 +106,21 @@ class ExactTopEM:
     """Discriminative EM whose M-step solves the class level exactly ("exact-top").
 
     Per batch: the E-step (max-sum, latents frozen, the class level's input h_top recorded);
-    the class level minimises J_top (multinomial logistic regression on h_top plus the
-    proximal term) by `newton_cg`; then one optimizer step for every lower level on the
-    gradient of the frozen-latent cross-entropy with the new class level (the same E-step).
+    h_top and the labels join a cache of the last `cache` batches; the class level minimises
+    J_top over the whole cache (multinomial logistic regression on the cached features plus the
+    proximal term, every cached image weighted alike) by `newton_cg`; then one optimizer step for
+    every lower level on the gradient of this batch's frozen-latent cross-entropy with the new
+    class level (block Gauss-Seidel, one E-step). The cache's features were computed by lower
+    levels up to `cache` - 1 optimizer steps old; a cache of one batch solves on the batch alone
+    (unstable on MNIST: the class level jumps to each batch's optimum).
 
     Args:
         model: the DRM, trained in place; it needs parameters below the class level.
         eta: the proximal step length of the class level's solve.
         optimizer, lr: the lower levels' optimizer (the loop's lr schedule applies to it).
-        reduce: sums a tensor over the data-parallel processes; None: one process.
+        cache: the batches whose features the class level is solved on (this one included).
+        reduce: sums a tensor over the data-parallel processes; None: one process. Every
+            process caches its own shards; the solve sums over the processes.
         newton: the solve's stopping rules (default: |grad J| <= 1e-5, above float32's noise,
             or 20 Newton steps of <= 25 CG steps).
     """
@@ -126,12 +133,15 @@ class ExactTopEM:
         eta: float = DEFAULT_ETA,
         optimizer: OptimizerName = "adam",
         lr: float = 1e-3,
+        cache: int = 16,
         reduce: Reduce | None = None,
         newton: NewtonSettings | None = None,
     ) -> None:
         if not eta > 0:
             raise ValueError(f"eta must be > 0, got {eta}")
-        self.model, self.eta, self.reduce = model, eta, reduce
+        if cache < 1:
+            raise ValueError(f"cache must be >= 1, got {cache}")
+        self.model, self.eta, self.cache, self.reduce = model, eta, cache, reduce
         self.newton = newton or NewtonSettings(iterations=20, grad_tol=1e-5)
         self.top = len(model.levels) - 1
         self.lower = [p for level in list(model.levels)[: self.top] for p in level.parameters()]
@@ -139,6 +149,23 @@ class ExactTopEM:
             raise ValueError("--m-step exact-top needs levels with parameters below the classes")
         self.optimizer = make_optimizer(self.lower, optimizer, lr)
         self.counts = _SolveCounts()
+        # the cached batches, oldest first: (h_top, the class level's latent or None, labels)
+        self.features: list[tuple[Tensor, Tensor | None, Tensor]] = []
+
+    def _solve_top(self) -> None:
+        """newton_cg on J_top over every cached image (of every process)."""
+        features = torch.cat([f for f, _, _ in self.features])
+        top_latents = [z for _, z, _ in self.features if z is not None]
+        latent = torch.cat(top_latents) if top_latents else None
+        labels = torch.cat([y for _, _, y in self.features])
+        local = features.shape[0]
+        count = torch.tensor([float(local)], dtype=torch.float64)
+        total = local if self.reduce is None else float(self.reduce(count)[0])
+        latents = (None,) * self.top + (latent,)
+        objective = LevelObjective(self.model, self.top, features, latents, labels,
+                                   share=local / total if total else 0.0, eta=self.eta,
+                                   reduce=self.reduce)  # fmt: skip
+        self.counts.add(newton_cg(objective, self.newton))
 
     def step(self, x: Tensor, y: Tensor, *, share: float = 1.0) -> float:
         _checked(self.model, x, y, self.reduce)
@@ -146,9 +173,11 @@ class ExactTopEM:
         walk = walk_up(self.model, x, record_inputs=True)  # E-step, with the lower graph
         features = walk.inputs[self.top]
         loss = 0.0 if empty else float(F.cross_entropy(walk.output.detach(), y))
-        objective = LevelObjective(self.model, self.top, features, walk.latents, y,
-                                   share=share, eta=self.eta, reduce=self.reduce)  # fmt: skip
-        self.counts.add(newton_cg(objective, self.newton))
+        top_latent = walk.latents[self.top]
+        self.features.append((features.detach(),
+                              None if top_latent is None else top_latent.detach(), y))  # fmt: skip
+        del self.features[: -self.cache]
+        self._solve_top()
         scores = walk_up(self.model, features, walk.latents, start=self.top).output
         lower = scores.sum() * 0.0 if empty else F.cross_entropy(scores, y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -165,11 +194,19 @@ class ExactTopEM:
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "counts": self.counts.state()}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "counts": self.counts.state(),
+            "features": [f for f, _, _ in self.features],
+            "top_latents": [z for _, z, _ in self.features],
+            "labels": [y for _, _, y in self.features],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.counts.load(state["counts"])
+        self.features = list(zip(state["features"], state["top_latents"], state["labels"],
+                                 strict=True))  # fmt: skip
 
 
 class BlockEM:

@@ -101,3 +101,22 @@ def test_smoke_table_has_every_row_the_best_adam_the_ratio_and_the_plot(
     assert [r["key"] for r in again["rows"]] == [keys[0], "dem-gradient", "gem_ce"]
     before = {r["key"]: r["seeds"] for r in result["rows"]}
     assert all(r["seeds"] == before[r["key"]] for r in again["rows"])
+
+
+def test_a_budgeted_run_is_the_first_epochs_of_the_full_run(tmp_path: Path) -> None:
+    """--budget-seconds stops each run at the first epoch end past the budget, resuming one epoch
+    at a time: the same trajectory as the full run; a larger budget continues it."""
+    base = ["--data", "digits", "--limit-train", "64", "--seeds", "0", "--threads", "1",
+            "--only", "dem-gradient", "--epochs", "3"]  # fmt: skip
+    with single_thread():
+        full = em_vs_sgd.main(em_vs_sgd.parse_args([*base, "--out", str(tmp_path / "full")]))
+        tiny = ["--out", str(tmp_path / "budget"), "--budget-seconds", "1e-9"]
+        short = em_vs_sgd.main(em_vs_sgd.parse_args([*base, *tiny]))
+        assert em_vs_sgd.recorded_epochs(tmp_path / "budget" / "dem-gradient-seed0") == 1
+        longer = em_vs_sgd.main(em_vs_sgd.parse_args([*base, *tiny[:2], "--budget-seconds",
+                                                      "1e9"]))  # fmt: skip
+    (whole,), (first,), (rest,) = (r["rows"][0]["seeds"] for r in (full, short, longer))
+    assert whole["epochs"] == 3 and first["epochs"] == 1 and rest["epochs"] == 3
+    assert first["accuracy_by_epoch"] == whole["accuracy_by_epoch"][:1]
+    assert rest["accuracy_by_epoch"] == whole["accuracy_by_epoch"]
+    assert "first epoch end past 1e-09 s" in em_vs_sgd.format_table(short)

@@ -151,6 +151,54 @@ def test_exact_top_trainer_solves_the_class_level_to_its_tolerance() -> None:
     assert trainer.end_epoch()["m_step_gradient_norm"] <= trainer.newton.grad_tol
 
 
+def test_exact_top_solves_the_class_level_on_the_cached_batches_features() -> None:
+    """With a cache of 2 batches, after the third step the class level minimises the mean
+    cross-entropy over batches 2 and 3, each with the features its own E-step computed (the
+    lower levels then one and zero Adam steps old), plus the proximal term from the weights
+    before the step: its gradient, by autograd of that explicit objective, is ~0."""
+    model, _, _, _ = problem(seed=3)
+    trainer = ExactTopEM(model, eta=2.0, lr=0.05, cache=2, newton=TIGHT)
+    top = trainer.top
+    level = model.levels[top]
+    recorded = []
+    for batch in range(3):
+        x, y = images(model, 10, seed=20 + batch), (torch.arange(10) + batch) % 3
+        with torch.no_grad():
+            recorded.append((walk_up(model, x, record_inputs=True).inputs[top].clone(), y))
+        anchor = [p.detach().clone() for p in level.parameters()]
+        trainer.step(x, y)
+    assert len(trainer.features) == 2  # the oldest batch dropped
+    params = [p.detach().clone().requires_grad_(True) for p in level.parameters()]
+    names = [name for name, _ in level.named_parameters()]
+    cached = recorded[1:]
+
+    def frozen(h: Tensor) -> Tensor:
+        values = {f"level.{n}": p for n, p in zip(names, params, strict=True)}
+        return torch.func.functional_call(_TopLevel(level), values, (h,))
+
+    ce = torch.cat([F.cross_entropy(frozen(h), y, reduction="none") for h, y in cached]).mean()
+    proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)) / (2 * 2.0)
+    gradient = torch.autograd.grad(ce + proximal, params)
+    assert float(torch.cat([g.reshape(-1) for g in gradient]).norm()) <= OPTIMUM_GRAD_TOL * 10
+    # the cache matters: a cache of one batch ends elsewhere
+    alone = ExactTopEM(build(ARCHITECTURES["leaky"], seed=3), eta=2.0, lr=0.05, cache=1,
+                       newton=TIGHT)  # fmt: skip
+    for batch in range(3):
+        alone.step(images(model, 10, seed=20 + batch), (torch.arange(10) + batch) % 3)
+    assert not torch.allclose(alone.model.levels[top].weight, level.weight)
+
+
+class _TopLevel(nn.Module):
+    """One level's frozen-latent map (no latent), as a module (for functional_call)."""
+
+    def __init__(self, level: nn.Module) -> None:
+        super().__init__()
+        self.level = level
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.level.bottom_up_frozen(h, None)
+
+
 # --- the frozen-latent objective never increases ------------------------------------------------
 
 
