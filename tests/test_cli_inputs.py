@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import bench_all, compare_views, demo, em_vs_sgd, semisupervised, train
+from experiments import (
+    bench_all,
+    compare_views,
+    demo,
+    em_vs_sgd,
+    profile_m_steps,
+    semisupervised,
+    train,
+)
 from tests.architectures import single_thread
 
 SMALL = ["--data", "digits", "--limit-train", "160", "--limit-test", "100", "--batch-size", "32",
@@ -113,6 +121,16 @@ CASES: list[tuple[str, Command, list[str], str]] = [
     ("em_vs_sgd: unknown row", em_vs_sgd.cli, ["--only", "dem2"], "--only"),
     ("em_vs_sgd: json is a directory", em_vs_sgd.cli, ["--smoke", "--only", "dem1", "--json",
                                                        "{root}"], "--json"),
+    ("em_vs_sgd: budget 0", em_vs_sgd.cli, ["--budget-seconds", "0"], "--budget-seconds"),
+    ("em_vs_sgd: budget nan", em_vs_sgd.cli, ["--budget-seconds", "nan"], "--budget-seconds"),
+    ("profile: steps 0", profile_m_steps.cli, ["--steps", "0"], "--steps"),
+    ("profile: warmup -1", profile_m_steps.cli, ["--warmup", "-1"], "--warmup"),
+    ("profile: unknown design", profile_m_steps.cli, ["--designs", "newton"], "--designs"),
+    ("profile: too few images", profile_m_steps.cli, ["--data", "digits", "--steps", "100000",
+                                                      "--designs", "sgd"], "training images"),
+    ("profile: json is a directory", profile_m_steps.cli, ["--smoke", "--json", "{root}"],
+     "--json"),
+    ("profile: no such data", profile_m_steps.cli, ["--data", "{root}/nope.npz"], "nope.npz"),
     ("semisupervised: labels 0", semisupervised.cli, ["--labels", "0"], "--labels"),
     ("semisupervised: bad data", semisupervised.cli, ["--data", "{stray}", "--labels", "50",
                                                       "--draws", "1", "--no-ablation", "--out",
