@@ -10,7 +10,8 @@ curves.png); a rerun continues finished and interrupted runs. The rows (`--only`
   time to 99% as a ratio to it.
 * dem-gradient (alias dem1): `--algo dem --m-step gradient`, one Adam step per E-step (E9: SGD).
 * dem3: three gradient M-steps per E-step (lr 1e-3).
-* dem-exact-top: the class level solved exactly per batch (Newton-CG), one Adam step below.
+* dem-exact-top: the class level solved exactly (Newton-CG) on the cached features of the last 16
+  batches, one Adam step below.
 * dem-block: a few Newton-CG steps per level, coarse to fine, per batch; no learning rate.
 * dem-large-batch: block Newton M-steps on 16 minibatches at once, 2 sweeps; no learning rate.
 * gem: generative hard EM (per-level least squares), --gem-epochs.

@@ -160,6 +160,10 @@ TRAIN_ALGORITHMS: dict[str, list[str]] = {
         "6",
     ],  # fmt: skip
     "ssl": SSL_ARGV,
+    # discriminative EM's exact M-step designs (drm.m_steps)
+    "dem-exact-top": ["--algo", "dem", "--m-step", "exact-top"],
+    "dem-block": ["--algo", "dem", "--m-step", "block"],
+    "dem-large-batch": ["--algo", "dem", "--m-step", "large-batch"],
 }
 
 

@@ -163,8 +163,6 @@ DEEP_ALGORITHMS = ALGORITHMS[:3]
 CHANNELS_LAST_ATOL = 1e-4  # float32: only the summation order of the convolutions differs
 RESUME_RUNS = [
     *ALGORITHMS,
-    # an exact M-step (drm.m_steps): its solver state and epoch counts resume too
-    pytest.param(["--algo", "dem", "--m-step", "exact-top"], id="dem-exact-top"),
     # parameter averaging (drm.averaging): the saved model is the average, the state the iterate
     pytest.param(["--algo", "ssl", "--labels", "20", "--average-decay", "0.9"], id="ssl-average"),
     # channels_last resumes: slow (test_channels_last_trains_the_same_model keeps the layout fast)
