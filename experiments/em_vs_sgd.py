@@ -31,12 +31,12 @@ Command:
     python -m experiments.em_vs_sgd --out runs/em_vs_sgd --only sgd dem-block --seeds 0
     python -m experiments.em_vs_sgd --out runs/em_vs_sgd-budget --budget-seconds 180 \
         --adam-lrs 1e-3 2e-3 4e-3 --only sgd dem-gradient dem3 dem-exact-top dem-block \
-        dem-large-batch                              # the table of docs/results.md
+        dem-large-batch --threads 2 --json runs/em_vs_sgd-budget.json  # docs/results.md's table
     python -m experiments.em_vs_sgd --smoke                    # digits subset, seconds (tests)
 
 Cost on 2 cores, measured (2026-12-04, the budgeted command of docs/results.md, alone, 2
 threads): 2 h 8 min, of which the Adam sweep (3 lrs x 2 batch sizes x 3 seeds, 6 epochs each,
-14-20 s per epoch) 36 min, dem-gradient 6 min, dem3 10 min, exact-top 9 min, block 14 min (one
+13-21 s per epoch) 36 min, dem-gradient 6 min, dem3 10 min, exact-top 9 min, block 14 min (one
 epoch of about 275 s per seed), large-batch 49 min (one epoch of 920-1,080 s per seed). The
 unbudgeted command trains every row 6 epochs: block and large-batch then dominate (about 1.4
 and 4.9 hours for 3 seeds, scaled from those epochs); gem takes about 200-350 s per epoch,
