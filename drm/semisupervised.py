@@ -18,6 +18,7 @@ A few labelled and many unlabelled images train one DRM. Each step is one round 
       min_cross_entropy    labelled images   -log softmax(s_min(x))_y                   (NRM)
       consistency          unlabelled        KL(q(x) || softmax(s(T x))), T a random translation
                                                                                         (ours)
+      generative_cross_entropy  labelled    -log softmax_c(log p(x, c, z*))_y          (ours)
 
   mu(c^, z*) is the top-down rendering of the class at the max-sum latents (`drm.render`), g_l the
   top-down signal arriving at latent level l. The reconstruction is the Gaussian part of the
@@ -35,6 +36,13 @@ A few labelled and many unlabelled images train one DRM. Each step is one round 
   (the Pi-model / stochastic-transformation regulariser). Each image's shift is a pseudo-random
   function of its pixels and of the step number (`content_shifts`), so a data-parallel shard
   shifts its images as one process would, and a resumed run as an uninterrupted one.
+  `generative_cross_entropy` is the conditional likelihood of the generative classifier itself
+  (`drm.inference.generative_scores`: log p(x, c, z*) under the factorized prior, every class
+  rendered through the same z*): -log p(y | x, z*). With the reconstruction it is hybrid
+  generative-discriminative training (Bishop and Lasserre 2007): the class-separating term that
+  generative EM lacks, on the model's own posterior rather than on the CNN's scores. It renders
+  every class (C top-down passes over the labelled images), so it too is computed only when
+  weighted.
 
 What the authors' public code does (read for this module; docs/semisupervised.md has the detail):
 the DRMM's "KL" term is -sum_c gamma_c log(C gamma_c) = H(gamma) - log C with gamma the softmax,
@@ -59,6 +67,8 @@ References:
     Sajjadi, Javanmardi, Tasdizen, Regularization With Stochastic Transformations and
     Perturbations for Deep Semi-Supervised Learning, NIPS 2016.
     Laine, Aila, Temporal Ensembling for Semi-Supervised Learning, ICLR 2017 (the Pi-model).
+    Bishop, Lasserre, Generative or Discriminative? Getting the Best of Both Worlds, Bayesian
+    Statistics 8 (2007).
 """
 
 from __future__ import annotations
@@ -74,7 +84,7 @@ from torch import Tensor
 from drm.checks import check_images, check_partial_labels
 from drm.distributed import Reduce, reduce_together
 from drm.em import OptimizerName, make_optimizer, sum_gradients
-from drm.inference import walk_up
+from drm.inference import generative_scores, walk_up
 from drm.model import (
     DeepRenderingModel,
     Latents,
@@ -100,6 +110,7 @@ class LossWeights:
     path_normalization: float = 0.0  # every image: the NRM's path normalisation
     min_cross_entropy: float = 0.0  # labelled images: the NRM's min branch, -log p_min(y | x)
     consistency: float = 3.0  # unlabelled images: KL(posterior || posterior of a translation)
+    generative_cross_entropy: float = 0.0  # labelled images: -log p(y | x, z*), factorized prior
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -114,7 +125,7 @@ class LossWeights:
 
 TERMS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossWeights))
 # Terms that cost a pass of their own: computed (and reported) only when weighted.
-ON_DEMAND = ("path_normalization", "min_cross_entropy", "consistency")
+ON_DEMAND = ("path_normalization", "min_cross_entropy", "consistency", "generative_cross_entropy")
 # Terms that are a mean over the images of the batch (the others: a mean over its labelled
 # images, or a function of the whole batch).
 PER_IMAGE_TERMS = ("reconstruction", "entropy", "nonnegativity")
@@ -134,6 +145,19 @@ def cross_entropy_term(scores: Tensor, labels: Tensor) -> Tensor:
     if not bool(labelled.any()):
         return scores.sum() * 0.0
     return F.cross_entropy(scores[labelled], labels[labelled])
+
+
+def generative_cross_entropy_term(generative: Tensor, labels: Tensor) -> Tensor:
+    """-(1/|L|) sum_{n in L} log p(y_n | x_n, z*_n), p(c | x, z*) = softmax_c(log p(x, c, z*)).
+
+    The cross-entropy of the generative classifier's own posterior (0 if no image is labelled).
+
+    Args:
+        generative: (B, C) log p(x, c, z*) under the factorized prior
+            (`drm.inference.generative_scores`).
+        labels: (B,) int64, UNLABELLED (-1) for unlabelled images.
+    """
+    return cross_entropy_term(generative, labels)
 
 
 def reconstruction_term(model: DeepRenderingModel, x: Tensor, mu: Tensor) -> Tensor:
@@ -255,6 +279,11 @@ class SemiSupervisedEM:
         seed: the consistency term's translations (with the step number).
         balance_target: "uniform" (the class_balance term pulls the batch's mean posterior
             toward the uniform distribution) or "prior" (toward the learned class prior pi).
+        class_guess: how the E-step guesses an unlabelled image's class c^: "cnn", the arg max
+            of the max-sum scores (the MAP class under the CNN prior), or "generative", the
+            arg max of log p(x, c, z*) under the factorized prior (`generative_scores`, C
+            top-down passes): the hard E-step of the model that the generative classifier and
+            `generative_cross_entropy` read.
         reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
             None: one process. Each process holds a shard of the global batch; the counts of
             images and labels and the batch's summed posterior are summed first (one
@@ -272,11 +301,15 @@ class SemiSupervisedEM:
         max_shift: int = 2,
         seed: int = 0,
         balance_target: str = "uniform",
+        class_guess: str = "cnn",
     ) -> None:
         if not isinstance(max_shift, int) or max_shift < 1:
             raise ValueError(f"max_shift must be an int >= 1, got {max_shift!r}")
         if balance_target not in ("prior", "uniform"):
             raise ValueError(f"balance_target must be 'prior' or 'uniform', got {balance_target!r}")
+        if class_guess not in ("cnn", "generative"):
+            raise ValueError(f"class_guess must be 'cnn' or 'generative', got {class_guess!r}")
+        self.class_guess = class_guess
         # the class_balance term's target: the model's (learned) class prior pi, or the uniform
         # distribution (the class frequencies of a balanced labelled subset), which a prior
         # drifting toward one class cannot follow
@@ -304,7 +337,13 @@ class SemiSupervisedEM:
     def e_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Latents, Tensor]:
         """(scores (B, C), latents z*, classes c^ (B,): label, else guess) of checked images."""
         scores, latents, _ = walk_up(self.model, x)
-        classes = torch.where(y >= 0, y, scores.detach().argmax(1))
+        guess = scores.detach().argmax(1)
+        unlabelled = y < 0
+        if self.class_guess == "generative" and bool(unlabelled.any()):
+            kept = tuple(None if z is None else z[unlabelled] for z in latents)
+            with torch.no_grad():
+                guess[unlabelled] = generative_scores(self.model, x[unlabelled], kept).argmax(1)
+        classes = torch.where(y >= 0, y, guess)
         return scores, latents, classes
 
     def terms(
@@ -375,6 +414,10 @@ class SemiSupervisedEM:
             values["min_cross_entropy"] = cross_entropy_term(min_scores, y) * label_share
         if self.weights.consistency > 0:
             values["consistency"] = self._consistency(x, y, scores, counts)
+        if self.weights.generative_cross_entropy > 0:
+            values["generative_cross_entropy"] = (
+                self._generative_cross_entropy(x, y, latents) * label_share
+            )
         values["class_balance"] = balance  # the global value: counted once below
         weights = dict(self.weights.items())
         loss = sum(
@@ -397,6 +440,15 @@ class SemiSupervisedEM:
         shifted = translate(images, content_shifts(images, offset, self.max_shift))
         target = scores[unlabelled].detach().softmax(1)
         return consistency_term(target, walk_up(self.model, shifted).output) * (local / total)
+
+    def _generative_cross_entropy(self, x: Tensor, y: Tensor, latents: Latents) -> Tensor:
+        """The generative posterior's cross-entropy over this batch's labelled images."""
+        labelled = y >= 0
+        if not bool(labelled.any()):
+            return x.sum() * 0.0
+        kept = tuple(None if z is None else z[labelled] for z in latents)
+        generative = generative_scores(self.model, x[labelled], kept)  # (L, C)
+        return generative_cross_entropy_term(generative, y[labelled])
 
     def translation_offset(self) -> int:
         """The pseudo-random number of this step that, with each image, picks its translation."""
@@ -485,6 +537,7 @@ __all__ = [
     "content_shifts",
     "cross_entropy_term",
     "entropy_term",
+    "generative_cross_entropy_term",
     "nonnegativity_term",
     "path_normalization_term",
     "reconstruction_term",

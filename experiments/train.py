@@ -205,6 +205,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "model's learned class prior or the uniform distribution (default: uniform; "
         "docs/semisupervised.md)",
     )
+    parser.add_argument(
+        "--class-guess",
+        choices=("cnn", "generative"),
+        default=None,
+        help="ssl: an unlabelled image's class in the E-step: the arg max of the CNN's (max-sum) "
+        "scores or of the generative scores log p(x, c, z*) (default: cnn)",
+    )
     for term, weight in SSL_WEIGHTS.items():
         parser.add_argument(
             f"--{term.replace('_', '-')}-weight",

@@ -246,8 +246,13 @@ def test_cross_entropy_alone_is_discriminative_em_on_the_labelled_images(optimiz
 def test_every_term_trains_and_the_summary_is_the_epoch_mean() -> None:
     model = build(ARCHITECTURES["leaky"], seed=13)
     weights = LossWeights(
-        class_balance=0.5, path_normalization=0.5, min_cross_entropy=0.5, consistency=0.5
+        class_balance=0.5,
+        path_normalization=0.5,
+        min_cross_entropy=0.5,
+        consistency=0.5,
+        generative_cross_entropy=0.5,
     )
+    assert all(w > 0 for _, w in weights.items())  # every term
     trainer = SemiSupervisedEM(model, weights, lr=0.01)
     batches = [(images(model, 6, seed=40 + i), labels_with_unlabelled(model, 6, 50 + i))
                for i in range(3)]  # fmt: skip
@@ -299,6 +304,77 @@ def test_generative_scores_are_the_factorized_log_joint_of_every_class(name: str
             classes = torch.full((4,), c, dtype=torch.long)
             expected = factorized_log_joint(model, x, classes, latents)
             torch.testing.assert_close(scores[:, c], expected, atol=IDENTITY_TOL, rtol=0)
+
+
+def generative_log_posterior(
+    model: drm.DeepRenderingModel, x: torch.Tensor, y: torch.Tensor, latents: drm.Latents
+) -> torch.Tensor:
+    """log p(y | x, z*) of the labelled images, class by class from `factorized_log_joint`."""
+    labelled = y >= 0
+    kept = tuple(None if z is None else z[labelled] for z in latents)
+    joint = torch.stack(
+        [
+            factorized_log_joint(model, x[labelled], torch.full_like(y[labelled], c), kept)
+            for c in range(model.num_classes)
+        ],
+        1,
+    )  # (L, C)
+    return joint.gather(1, y[labelled][:, None])[:, 0] - torch.logsumexp(joint, 1)
+
+
+@pytest.mark.parametrize("name", PARAMETER_NAMES)
+def test_generative_cross_entropy_is_the_generative_posterior_of_the_labels(name: str) -> None:
+    """The term against scipy's log-softmax of the factorized log-joint of every class."""
+    model = build(ARCHITECTURES[name], seed=31)
+    x = images(model, 6, seed=32)
+    y = labels_with_unlabelled(model, 6, seed=33)
+    trainer = SemiSupervisedEM(model, only(generative_cross_entropy=1.0))
+    with torch.no_grad():
+        values, loss = trainer.terms(x, y)
+        _, latents = drm.max_sum(model, x)
+        labelled = y >= 0
+        joint = np.stack(
+            [
+                factorized_log_joint(model, x, torch.full_like(y, c), latents).numpy()
+                for c in range(model.num_classes)
+            ],
+            1,
+        )[labelled.numpy()]  # (L, C), float64
+    log_posterior = scipy.special.log_softmax(joint, axis=1)
+    expected = -log_posterior[np.arange(len(joint)), y[labelled].numpy()].mean()
+    assert float(values["generative_cross_entropy"]) == pytest.approx(expected, rel=IDENTITY_TOL)
+    assert float(loss) == pytest.approx(expected, rel=IDENTITY_TOL)
+    nobody = torch.full((6,), UNLABELLED)
+    with torch.no_grad():
+        assert float(trainer.terms(x, nobody)[0]["generative_cross_entropy"]) == 0.0
+
+
+def test_generative_class_guess_is_the_generative_classifier_on_unlabelled_images() -> None:
+    """class_guess="generative": label where known, else arg max_c factorized_log_joint(x, c, z*);
+    the default guesses from the CNN's scores. A class template scaled by 10 makes the two
+    guesses differ (the CNN rewards its brighter rendering, the Gaussian likelihood does not)."""
+    differ = 0
+    for name in PARAMETER_NAMES:
+        model = build(ARCHITECTURES[name], seed=34)
+        x = images(model, 9, seed=35)
+        y = torch.full((9,), UNLABELLED)
+        y[::3] = 0
+        with torch.no_grad():
+            favourite = SemiSupervisedEM(model).e_step(x, y)[2][1]
+            model.classes.weight[favourite] *= 10.0
+            scores, latents = drm.max_sum(model, x)
+            joint = torch.stack(
+                [factorized_log_joint(model, x, torch.full_like(y, c), latents)
+                 for c in range(model.num_classes)], 1)  # fmt: skip
+            generative = SemiSupervisedEM(model, class_guess="generative").e_step(x, y)[2]
+            cnn = SemiSupervisedEM(model).e_step(x, y)[2]
+        expected = torch.where(y >= 0, y, joint.argmax(1))
+        torch.testing.assert_close(generative, expected, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(cnn, torch.where(y >= 0, y, scores.argmax(1)), rtol=0, atol=0)
+        differ += int((generative != cnn).sum())
+    assert differ > 0  # the comparison is not vacuous
+    with pytest.raises(ValueError, match="class_guess must be"):
+        SemiSupervisedEM(model, class_guess="label")
 
 
 @pytest.mark.parametrize("name", sorted(TINY_ARCHITECTURES))
@@ -382,6 +458,8 @@ def test_each_term_alone_has_the_gradient_of_its_formula(term: str) -> None:
         value = class_balance_term(scores.softmax(1).mean(0), uniform)  # the default target
     elif term == "min_cross_entropy":
         value = cross_entropy_term(min_sum(model, x)[0], y)
+    elif term == "generative_cross_entropy":
+        value = -generative_log_posterior(model, x, y, latents).mean()
     elif term == "consistency":
         offset = trainer.translation_offset()
         unlabelled = x[y < 0]

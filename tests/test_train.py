@@ -23,7 +23,7 @@ import torch
 import drm
 from cnn_equiv.mapping import to_cnn
 from drm.averaging import ParameterAverage
-from drm.checkpoint import load_checkpoint
+from drm.checkpoint import load_checkpoint, save_checkpoint
 from drm.config import ModelConfig
 from drm.data import labelled_subset
 from drm.inference import generative_scores
@@ -55,6 +55,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run(out: Path, *extra: str, epochs: int = 2) -> dict[str, Any]:
     argv = [*SMALL, "--epochs", str(epochs), "--out", str(out), "--no-progress", *extra]
     return train.main(train.parse_args(argv))
+
+
+def forget_settings(out: Path, *keys: str) -> None:
+    """Remove settings from a run's stored configuration (the checkpoint's header, which resume
+    reads, and config.json), as if the run was written before they existed."""
+    model, state, metadata = load_checkpoint(out / CHECKPOINT)
+    run_config = json.loads(metadata["run_config"])
+    for key in keys:
+        del run_config["args"][key]
+    save_checkpoint(
+        out / CHECKPOINT, model, state, {**metadata, "run_config": json.dumps(run_config)}
+    )
+    config = json.loads((out / "config.json").read_text())
+    for key in keys:
+        del config["args"][key]
+    (out / "config.json").write_text(json.dumps(config))
 
 
 def assert_same(a: Any, b: Any, where: str = "") -> None:
@@ -267,6 +283,7 @@ def test_a_run_config_is_the_command_line(tmp_path: Path) -> None:
         ({"lr_decay": float("nan")}, "--lr-decay"),
         ({"optimizer": "adamw"}, "--optimizer must be one of"),
         ({"algo": "ssl", "class_balance_target": "flat"}, "--class-balance-target must be one"),
+        ({"algo": "ssl", "class_guess": "label"}, "--class-guess must be one"),
         ({"algo": "ssl", "entropy_weight": -0.5}, "--entropy-weight must be >= 0"),
     ]:
         with pytest.raises((TypeError, ValueError), match=message):
@@ -423,6 +440,24 @@ def test_the_class_balance_target_reaches_the_trainer_and_binds_the_run(tmp_path
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
 
 
+def test_the_class_guess_reaches_the_trainer_and_binds_the_run(tmp_path: Path) -> None:
+    argv = ["--algo", "ssl", "--labels", "50", "--class-guess", "generative",
+            "--generative-cross-entropy-weight", "1"]  # fmt: skip
+    run(tmp_path, *argv, epochs=1)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics[0]["train_generative_cross_entropy"] > 0
+    args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
+    trainer = build_trainer(args, load_checkpoint(tmp_path / CHECKPOINT).model)
+    assert isinstance(trainer, ParameterAverage)
+    assert trainer.trainer.class_guess == "generative"  # type: ignore[attr-defined]
+    with pytest.raises(train.RunError, match="--class-guess 'generative' .stored. vs 'cnn'"):
+        run(tmp_path, "--algo", "ssl", "--labels", "50", "--generative-cross-entropy-weight", "1",
+            "--resume", epochs=2)  # fmt: skip
+    with pytest.raises(train.RunError, match="--generative-cross-entropy-weight 1.0 .stored"):
+        run(tmp_path, "--algo", "ssl", "--labels", "50", "--class-guess", "generative",
+            "--resume", epochs=2)  # fmt: skip
+
+
 def test_an_ssl_run_from_before_the_uniform_default_resumes_with_its_prior_target(
     tmp_path: Path,
 ) -> None:
@@ -430,10 +465,10 @@ def test_an_ssl_run_from_before_the_uniform_default_resumes_with_its_prior_targe
     their config: they compare as 'prior', so they resume with it and refuse the new default."""
     argv = ["--algo", "ssl", "--labels", "50", "--class-balance-target", "prior"]
     run(tmp_path, *argv, epochs=1)
-    config_path = tmp_path / "config.json"
-    config = json.loads(config_path.read_text())
-    del config["args"]["class_balance_target"]
-    config_path.write_text(json.dumps(config))
+    # nor the later settings: they compare as generative_cross_entropy 0 and class guess 'cnn'
+    forget_settings(
+        tmp_path, "class_balance_target", "generative_cross_entropy_weight", "class_guess"
+    )
     with pytest.raises(train.RunError, match="--class-balance-target 'prior' .stored. vs 'unif"):
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
     run(tmp_path, *argv, "--resume", epochs=2)
@@ -448,10 +483,7 @@ def test_a_run_from_before_parameter_averaging_resumes(tmp_path: Path, algo: str
     if algo == "ssl":
         argv += ["--labels", "50", "--average-decay", "0"]
     run(tmp_path, *argv, epochs=1)
-    config_path = tmp_path / "config.json"
-    config = json.loads(config_path.read_text())
-    del config["args"]["average_decay"]
-    config_path.write_text(json.dumps(config))
+    forget_settings(tmp_path, "average_decay")
     if algo == "ssl":
         with pytest.raises(train.RunError, match="--average-decay 0.0 .stored. vs 0.999"):
             run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)

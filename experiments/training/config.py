@@ -56,6 +56,7 @@ ESSENTIAL = (
     "labelled_batch_size",
     "consistency_shift",
     "class_balance_target",
+    "class_guess",
     *(f"{term}_weight" for term in TERMS),
 )
 # Per-algorithm defaults of the settings given as None.
@@ -65,7 +66,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "em": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7, "average_decay": 0.0},
     # the semi-supervised defaults, chosen by measurement (docs/semisupervised.md)
     "ssl": {
-        "epochs": 30,
+        "epochs": 34,
         "lr": 1e-3,
         "lr_decay": 0.93,
         # the moving average of the iterates: +0.06 to +0.4 points over the last iterate on three
@@ -75,19 +76,25 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "consistency_shift": 2,
         # the uniform target kept two of three label draws from collapsing into one class
         "class_balance_target": "uniform",
+        "class_guess": "cnn",
     },
 }
 # The value of a setting that runs written before it existed were made with (their
 # config.json lacks the key), per algorithm: a resumed run is compared with it.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "sgd": {"average_decay": 0.0},  # before --average-decay, no run averaged its parameters
-    "ssl": {"class_balance_target": "prior", "average_decay": 0.0},
+    "ssl": {
+        "class_balance_target": "prior",
+        "average_decay": 0.0,
+        "generative_cross_entropy_weight": 0.0,
+        "class_guess": "cnn",
+    },
     "dem": {"m_step": "gradient", "average_decay": 0.0},  # before --m-step: gradient M-steps
     "em": {"average_decay": 0.0},
 }
 SSL_WEIGHTS = LossWeights()  # the default weight of each semi-supervised term
 # The settings that only --algo ssl reads (None for the other algorithms).
-SSL_ONLY = ("labelled_batch_size", "consistency_shift", "class_balance_target",
+SSL_ONLY = ("labelled_batch_size", "consistency_shift", "class_balance_target", "class_guess",
             *(f"{term}_weight" for term in TERMS))  # fmt: skip
 # Metric keys that measure time (they differ between an uninterrupted and a resumed run).
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "elapsed", "images_per_second")
@@ -140,6 +147,8 @@ class RunConfig:
     labelled_batch_size: int | None = None  # ssl: labelled images per batch (None: 32)
     consistency_shift: int | None = None  # ssl: the consistency term's largest shift (None: 2)
     class_balance_target: Literal["prior", "uniform"] | None = None  # ssl; None: uniform
+    # ssl: an unlabelled image's class in the E-step, from the CNN's or the generative scores
+    class_guess: Literal["cnn", "generative"] | None = None  # None: cnn
     # ssl: the weight of each loss term (None: SSL_WEIGHTS)
     cross_entropy_weight: float | None = None
     reconstruction_weight: float | None = None
@@ -149,6 +158,7 @@ class RunConfig:
     path_normalization_weight: float | None = None
     min_cross_entropy_weight: float | None = None
     consistency_weight: float | None = None
+    generative_cross_entropy_weight: float | None = None
     translation: Literal["none", "circular", "interior"] = "none"  # the shallow model's nuisance
     template_size: int | None = None  # shallow, interior: the template side
     init: Literal["kmeans", "class-means"] = "kmeans"  # the shallow model's start

@@ -106,6 +106,7 @@ def _algorithm_trainer(config: RunConfig, model: Any) -> Trainer:
             max_shift=config.consistency_shift,
             seed=config.seed,
             balance_target=config.class_balance_target,
+            class_guess=config.class_guess or "cnn",
         )
     if shallow:
         return ShallowEM(model, hard=config.hard, supervised=not config.unsupervised, reduce=reduce)
