@@ -38,13 +38,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from drm.checkpoint import load_checkpoint
-from drm.inference import generative_scores
 from drm.semisupervised import TERMS
 from experiments import training
 from experiments._cli import Parser, one_line, positive_int, run_command
+from experiments.training import evaluation
 from experiments.training.config import SSL_WEIGHTS, RunConfig, RunError
 from experiments.training.data import data_name, load_data
 from experiments.training.rundir import CHECKPOINT, METRICS
@@ -108,12 +106,7 @@ def generative_accuracy(directory: Path, args: argparse.Namespace) -> float:
     """The generative classifier's accuracy on the whole test set, from the run's checkpoint."""
     model = load_checkpoint(directory / CHECKPOINT).model
     data = load_data(data_name(args.data), None, None)
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, data.x_test.shape[0], 1000):
-            xb, yb = data.x_test[start : start + 1000], data.y_test[start : start + 1000]
-            correct += int((generative_scores(model, xb).argmax(1) == yb).sum())
-    return correct / data.x_test.shape[0]
+    return evaluation.generative_accuracy(model, data.x_test, data.y_test)
 
 
 def ablations() -> list[tuple[str, dict[str, float]]]:

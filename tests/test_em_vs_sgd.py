@@ -87,6 +87,10 @@ def test_smoke_table_has_every_row_the_best_adam_the_ratio_and_the_plot(
     for key in keys[1:]:  # an EM row gives its ratio to the best Adam (n/a: 99% not reached)
         assert lines[key].split(" | ")[4] in ("n/a",) or float(lines[key].split(" | ")[4]) > 0
     assert "1 (best Adam)" in lines[keys[0]] and "(best-tuned Adam)" in lines[keys[0]]
+    # the generative rows give their classifier on the whole test set, the others n/a
+    whole = {key: line.rstrip(" |").split(" | ")[-1] for key, line in lines.items()}
+    assert {whole[key] == "n/a" for key in keys if not key.startswith("gem")} == {True}
+    assert {0.0 <= float(whole[key]) <= 1.0 for key in keys if key.startswith("gem")} == {True}
     assert "time to 99% / best Adam" in table and "best-tuned Adam: sgd-lr0.002-b16" in table
     plot = out / em_vs_sgd.PLOT
     assert f"plot: {plot}" in table

@@ -1,8 +1,9 @@
 """The test metrics of a run, computed after every epoch (each rank on its shard, summed).
 
 `evaluate`: accuracy, and the cross-entropy of the max-sum scores (deep) or the mean log p(x)
-(shallow); `diagnostics`: the generative view of a deep model; `cluster_labels`: the label each
-cluster of an unsupervised shallow model stands for.
+(shallow); `diagnostics`: the generative view of a deep model; `generative_accuracy`: its
+generative classifier on a whole set; `cluster_labels`: the label each cluster of an
+unsupervised shallow model stands for.
 """
 
 from __future__ import annotations
@@ -72,6 +73,20 @@ def evaluate(
         sums = distributed.all_reduce_floats({"correct": correct, "total": total})
         correct, total = round(sums["correct"]), sums["total"]
     return {"test_accuracy": correct / n, key: total / n}
+
+
+def generative_accuracy(
+    model: drm.DeepRenderingModel | ShallowRenderingModel, x: Tensor, y: Tensor, batch: int = 1000
+) -> float:
+    """The accuracy of arg max_c log p(x, c, z*) (`generative_scores`) on all of x: (N, ...)."""
+    if not isinstance(model, drm.DeepRenderingModel):
+        raise TypeError(f"the generative classifier reads a deep model, got {type(model).__name__}")
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch):
+            xb, yb = x[start : start + batch], y[start : start + batch]
+            correct += int((generative_scores(model, xb).argmax(1) == yb).sum())
+    return correct / x.shape[0]
 
 
 def diagnostics(
