@@ -110,6 +110,7 @@ SUBMODULES = (
     "refine",
     "sampling",
     "semisupervised",
+    "semisupervised_terms",
     "shallow",
     "shallow_cnn",
     "shallow_config",
