@@ -1,4 +1,4 @@
-"""Semi-supervised MNIST: the DRM's rendering path against supervised training on the same labels.
+"""Semi-supervised MNIST: semi-supervised EM on the DRM against supervised training on the labels.
 
 Every configuration is one training run (`experiments.training.run`: each run is a
 resumable run directory under --out, and rerunning the script continues where it stopped):
