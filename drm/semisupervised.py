@@ -81,6 +81,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from drm import semisupervised_terms
 from drm.checks import check_images, check_partial_labels
 from drm.distributed import Reduce, reduce_together
 from drm.em import OptimizerName, make_optimizer, sum_gradients
@@ -402,20 +403,10 @@ class SemiSupervisedEM:
         self.steps = int(state["steps"])
 
 
-__all__ = [
+__all__ = [  # the trainer, and the terms it re-exports
     "PER_IMAGE_TERMS",
     "TERMS",
-    "UNLABELLED",
     "LossWeights",
     "SemiSupervisedEM",
-    "class_balance_term",
-    "consistency_term",
-    "content_shifts",
-    "cross_entropy_term",
-    "entropy_term",
-    "generative_cross_entropy_term",
-    "nonnegativity_term",
-    "path_normalization_term",
-    "reconstruction_term",
-    "translate",
+    *semisupervised_terms.__all__,
 ]
