@@ -25,6 +25,11 @@ from drm.levels import Classes, Level, LevelStack, check_level_list, init_level
 Latents = tuple[Tensor | None, ...]
 
 
+def select_latents(latents: Latents, index: Tensor | slice) -> Latents:
+    """The latents of the images that `index` (a mask, indices or a slice of the batch) picks."""
+    return tuple(None if z is None else z[index] for z in latents)
+
+
 class DeepRenderingModel(nn.Module):
     """A hierarchical rendering model: hidden levels (fine to coarse), then the class templates.
 

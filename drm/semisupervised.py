@@ -83,6 +83,7 @@ from torch import Tensor
 
 from drm import semisupervised_terms
 from drm.checks import check_images, check_partial_labels
+from drm.deep_model import select_latents
 from drm.distributed import Reduce, reduce_together
 from drm.em import OptimizerName, make_optimizer, sum_gradients
 from drm.inference import generative_scores, walk_up
@@ -136,6 +137,8 @@ ON_DEMAND = ("path_normalization", "min_cross_entropy", "consistency", "generati
 # Terms that are a mean over the images of the batch (the others: a mean over its labelled
 # images, or a function of the whole batch).
 PER_IMAGE_TERMS = ("reconstruction", "entropy", "nonnegativity")
+BALANCE_TARGETS = ("prior", "uniform")  # what the class_balance term pulls toward
+CLASS_GUESSES = ("cnn", "generative")  # whose arg max the E-step takes for an unlabelled image
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -182,9 +185,9 @@ class SemiSupervisedEM:
     ) -> None:
         if not isinstance(max_shift, int) or max_shift < 1:
             raise ValueError(f"max_shift must be an int >= 1, got {max_shift!r}")
-        if balance_target not in ("prior", "uniform"):
+        if balance_target not in BALANCE_TARGETS:
             raise ValueError(f"balance_target must be 'prior' or 'uniform', got {balance_target!r}")
-        if class_guess not in ("cnn", "generative"):
+        if class_guess not in CLASS_GUESSES:
             raise ValueError(f"class_guess must be 'cnn' or 'generative', got {class_guess!r}")
         self.class_guess = class_guess
         # the class_balance term's target: the model's (learned) class prior pi, or the uniform
@@ -217,7 +220,7 @@ class SemiSupervisedEM:
         guess = scores.detach().argmax(1)
         unlabelled = y < 0
         if self.class_guess == "generative" and bool(unlabelled.any()):
-            kept = tuple(None if z is None else z[unlabelled] for z in latents)
+            kept = select_latents(latents, unlabelled)
             with torch.no_grad():
                 guess[unlabelled] = generative_scores(self.model, x[unlabelled], kept).argmax(1)
         classes = torch.where(y >= 0, y, guess)
@@ -323,7 +326,7 @@ class SemiSupervisedEM:
         labelled = y >= 0
         if not bool(labelled.any()):
             return x.sum() * 0.0
-        kept = tuple(None if z is None else z[labelled] for z in latents)
+        kept = select_latents(latents, labelled)
         generative = generative_scores(self.model, x[labelled], kept)  # (L, C)
         return generative_cross_entropy_term(generative, y[labelled])
 
@@ -404,6 +407,8 @@ class SemiSupervisedEM:
 
 
 __all__ = [  # the trainer, and the terms it re-exports
+    "BALANCE_TARGETS",
+    "CLASS_GUESSES",
     "PER_IMAGE_TERMS",
     "TERMS",
     "LossWeights",

@@ -45,6 +45,7 @@ from cnn_equiv.visualize import (
 )
 from drm.config import tiny_patch_config
 from drm.data import Dataset, load_digits
+from drm.deep_model import select_latents
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound, refine_latents
 from experiments._html import Report
@@ -133,8 +134,9 @@ def section_units(report: Report, model: drm.DeepRenderingModel, data: Dataset,
         channels = model.levels[level].out_shape[0]
         for channel in range(min(sizes["units_per_level"], channels)):
             top = top_patches(model, pool, level, channel, sizes["top_k"])
-            template = unit_template(model, level, top.units[:1], tuple(
-                None if z is None else z[:1] for z in top.latents))  # fmt: skip
+            template = unit_template(
+                model, level, top.units[:1], select_latents(top.latents, slice(0, 1))
+            )
             rows.append([*top.patches, template[0]])
             labels.append(f"level {level}, ch {channel}")
     report.grid(
@@ -282,7 +284,7 @@ def section_refinement(report: Report, model: drm.DeepRenderingModel, data: Data
     shown = torch.nonzero(flips)[:4, 0]
     if len(shown):
         cnn_class, new_class = cnn_scores.argmax(1)[shown], refined_scores.argmax(1)[shown]
-        shown_latents = tuple(None if z is None else z[shown] for z in cnn_latents)
+        shown_latents = select_latents(cnn_latents, shown)
         new_latents = refine_latents(model, x[shown], new_class, shown_latents)[0]
         with torch.no_grad():
             before = drm.render(model, cnn_class, shown_latents)

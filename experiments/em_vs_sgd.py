@@ -76,10 +76,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from drm.checkpoint import atomic_write, load_checkpoint
+from drm.checkpoint import atomic_write
 from experiments._cli import Parser, positive_float, positive_int, run_command
 from experiments.training import RunConfig, RunError, evaluation, run
-from experiments.training.data import data_name, load_data
 from experiments.training.rundir import CHECKPOINT, METRICS
 
 # (table name, --only name = run directory prefix, settings of its RunConfig); the Adam rows
@@ -177,13 +176,6 @@ def seed_summary(seed: int, out: Path, metrics: list[dict[str, Any]]) -> dict[st
         "accuracy_by_epoch": [m["test_accuracy"] for m in metrics],
         "elapsed_by_epoch": [m["elapsed"] for m in metrics],
     }
-
-
-def whole_test_generative_accuracy(directory: Path, data: str) -> float:
-    """The generative classifier of the run's final model on the whole test set."""
-    test = load_data(data_name(data), None, None)
-    model = load_checkpoint(directory / CHECKPOINT).model
-    return evaluation.generative_accuracy(model, test.x_test, test.y_test)
 
 
 def _median(values: list[float]) -> float | None:
@@ -290,7 +282,7 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             metrics = train_within(config, args.budget_seconds)
             seeds.append(seed_summary(seed, directory, metrics))
             if key.startswith("gem"):  # the generative rows: their classifier on every test image
-                seeds[-1]["generative_accuracy_whole"] = whole_test_generative_accuracy(
+                seeds[-1]["generative_accuracy_whole"] = evaluation.generative_accuracy_of_run(
                     directory, args.data
                 )
         rows.append(row_summary(name, key, extra["algo"], seeds))

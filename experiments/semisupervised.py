@@ -38,13 +38,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from drm.checkpoint import load_checkpoint
 from drm.semisupervised import TERMS
 from experiments import training
 from experiments._cli import Parser, one_line, positive_int, run_command
 from experiments.training import evaluation
 from experiments.training.config import SSL_WEIGHTS, RunConfig, RunError
-from experiments.training.data import data_name, load_data
 from experiments.training.rundir import CHECKPOINT, METRICS
 
 # the semi-supervised trainer with every unlabelled term off: supervised training on the labels
@@ -104,9 +102,7 @@ def run(out: Path, name: str, settings: dict[str, Any], args: argparse.Namespace
 
 def generative_accuracy(directory: Path, args: argparse.Namespace) -> float:
     """The generative classifier's accuracy on the whole test set, from the run's checkpoint."""
-    model = load_checkpoint(directory / CHECKPOINT).model
-    data = load_data(data_name(args.data), None, None)
-    return evaluation.generative_accuracy(model, data.x_test, data.y_test)
+    return evaluation.generative_accuracy_of_run(directory, args.data)
 
 
 def ablations() -> list[tuple[str, dict[str, float]]]:

@@ -60,6 +60,7 @@ from typing import Any
 
 from drm import distributed
 from drm.m_steps import DEFAULT_ETA, M_STEPS
+from drm.semisupervised import BALANCE_TARGETS, CLASS_GUESSES
 from experiments._cli import EXPECTED_ERRORS, Parser, one_line, positive_float, positive_int
 from experiments.training.config import (
     DEFAULTS,
@@ -199,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     parser.add_argument(
         "--class-balance-target",
-        choices=("prior", "uniform"),
+        choices=BALANCE_TARGETS,
         default=None,
         help="ssl: what the class_balance term pulls the batch's mean posterior toward: the "
         "model's learned class prior or the uniform distribution (default: uniform; "
@@ -207,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     parser.add_argument(
         "--class-guess",
-        choices=("cnn", "generative"),
+        choices=CLASS_GUESSES,
         default=None,
         help="ssl: an unlabelled image's class in the E-step: the arg max of the CNN's (max-sum) "
         "scores or of the generative scores log p(x, c, z*) (default: cnn)",

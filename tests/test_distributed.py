@@ -292,7 +292,7 @@ def test_semisupervised_em_shards_sum_to_the_whole_batch(optimizer: str) -> None
         y[1::2] = UNLABELLED  # labelled and unlabelled images in every shard of 3
         data.append((x, y))
     weights = LossWeights(class_balance=0.7, path_normalization=0.3, min_cross_entropy=0.5,
-                          consistency=0.5)  # fmt: skip
+                          consistency=0.5, generative_cross_entropy=0.5)  # fmt: skip
     one = SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
     ranks = [SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
              for _ in range(3)]  # fmt: skip
@@ -310,11 +310,12 @@ def test_semisupervised_losses_and_summaries_add_up_over_shards() -> None:
     y = y.clone()
     y[::3] = UNLABELLED
     weights = LossWeights(class_balance=0.7, path_normalization=0.3, min_cross_entropy=0.5,
-                          consistency=0.5)  # fmt: skip
-    one = SemiSupervisedEM(copy.deepcopy(model), weights, lr=0.05)
+                          consistency=0.5, generative_cross_entropy=0.5)  # fmt: skip
+    one = SemiSupervisedEM(copy.deepcopy(model), weights, lr=0.05, class_guess="generative")
     expected = one.step(x, y)
     summary = one.end_epoch()
-    ranks = [SemiSupervisedEM(copy.deepcopy(model), weights, lr=0.05) for _ in range(3)]
+    ranks = [SemiSupervisedEM(copy.deepcopy(model), weights, lr=0.05, class_guess="generative")
+             for _ in range(3)]  # fmt: skip
     group = ThreadGroup(3)
     losses: dict[int, float] = {}
     summaries: dict[int, dict[str, float]] = {}

@@ -2,12 +2,13 @@
 
 `evaluate`: accuracy, and the cross-entropy of the max-sum scores (deep) or the mean log p(x)
 (shallow); `diagnostics`: the generative view of a deep model; `generative_accuracy`: its
-generative classifier on a whole set; `cluster_labels`: the label each cluster of an
-unsupervised shallow model stands for.
+generative classifier on a whole set (`generative_accuracy_of_run`: of a run's final model);
+`cluster_labels`: the label each cluster of an unsupervised shallow model stands for.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,9 +17,12 @@ from torch import Tensor
 
 import drm
 from drm import distributed
+from drm.checkpoint import load_checkpoint
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound
 from drm.shallow import ShallowRenderingModel
+from experiments.training.data import data_name, load_data
+from experiments.training.rundir import CHECKPOINT
 
 DIAGNOSTIC_IMAGES = 500  # test images on which deep runs report the generative classifier and gap
 GAP_SWEEPS = 5  # refinement sweeps of the inference-gap bound (more: tighter, slower)
@@ -87,6 +91,14 @@ def generative_accuracy(
             xb, yb = x[start : start + batch], y[start : start + batch]
             correct += int((generative_scores(model, xb).argmax(1) == yb).sum())
     return correct / x.shape[0]
+
+
+def generative_accuracy_of_run(directory: Path, data: str) -> float:
+    """The generative classifier of a run directory's final model on the whole test set of
+    `data` (mnist, digits or PATH.npz)."""
+    model = load_checkpoint(directory / CHECKPOINT).model
+    test = load_data(data_name(data), None, None)
+    return generative_accuracy(model, test.x_test, test.y_test)
 
 
 def diagnostics(

@@ -97,6 +97,7 @@ def _algorithm_trainer(config: RunConfig, model: Any) -> Trainer:
         )
     if config.algo == "ssl":
         assert config.consistency_shift is not None and config.class_balance_target is not None
+        assert config.class_guess is not None  # filled in by RunConfig
         return SemiSupervisedEM(
             model,
             config.loss_weights(),
@@ -106,7 +107,7 @@ def _algorithm_trainer(config: RunConfig, model: Any) -> Trainer:
             max_shift=config.consistency_shift,
             seed=config.seed,
             balance_target=config.class_balance_target,
-            class_guess=config.class_guess or "cnn",
+            class_guess=config.class_guess,
         )
     if shallow:
         return ShallowEM(model, hard=config.hard, supervised=not config.unsupervised, reduce=reduce)
