@@ -93,12 +93,14 @@ EM_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     # generative EM's reconstruction objective with the cross-entropy it lacks: the
     # semi-supervised trainer with every image in the labelled pool (each batch 32 labelled + 64
     # label-hidden images); its model the last iterate, as every other row's (ssl's default
-    # averages them)
+    # averages them); the reconstruction at weight 1, generative EM's objective (ssl's default is
+    # 0.1)
     (
         "reconstruction + cross-entropy",
         "gem_ce",
         {
             "algo": "ssl",
+            "reconstruction_weight": 1.0,
             "entropy_weight": 0.0,
             "class_balance_weight": 0.0,
             "average_decay": 0.0,
@@ -111,6 +113,7 @@ EM_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "gem_gce",
         {
             "algo": "ssl",
+            "reconstruction_weight": 1.0,
             "cross_entropy_weight": 0.0,
             "generative_cross_entropy_weight": 1.0,
             "entropy_weight": 0.0,
@@ -125,6 +128,7 @@ EM_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "gem_gce_own",
         {
             "algo": "ssl",
+            "reconstruction_weight": 1.0,
             "cross_entropy_weight": 0.0,
             "generative_cross_entropy_weight": 1.0,
             "class_guess": "generative",

@@ -124,3 +124,27 @@ def test_semisupervised_reports_a_diverged_run_by_its_last_epoch(
     assert result["epochs"] == 1
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert result["test_error"] == pytest.approx(1 - metrics[0]["test_accuracy"])
+
+
+def test_semisupervised_ablation_switches_each_term_once() -> None:
+    """The ablation removes each weighted term, adds each unweighted one, and runs a term that
+    the default weighs below 1 (the reconstruction) at weight 1 too; one setting per row."""
+    from drm.semisupervised import TERMS
+    from experiments import semisupervised
+    from experiments.training.config import SSL_WEIGHTS
+
+    rows = dict(semisupervised.ablations())
+    assert rows.pop("default") == {}
+    assert all(len(settings) == 1 for settings in rows.values())
+    for term in TERMS:
+        option, weight = f"{term}_weight", getattr(SSL_WEIGHTS, term)
+        values = sorted(s[option] for s in rows.values() if option in s)
+        if term == "cross_entropy":
+            assert values == []  # the labels are what makes it semi-supervised
+        elif weight == 0:
+            assert values == [1.0]
+        elif weight < 1:
+            assert values == [0.0, 1.0]
+        else:
+            assert values == [0.0]
+    assert rows["with reconstruction at weight 1"] == {"reconstruction_weight": 1.0}

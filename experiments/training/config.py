@@ -66,7 +66,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "em": {"epochs": 2, "lr": 2e-3, "lr_decay": 0.7, "average_decay": 0.0},
     # the semi-supervised defaults, chosen by measurement (docs/semisupervised.md)
     "ssl": {
-        "epochs": 34,
+        "epochs": 25,
         "lr": 1e-3,
         "lr_decay": 0.93,
         # the moving average of the iterates: +0.06 to +0.4 points over the last iterate on three
