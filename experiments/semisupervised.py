@@ -23,6 +23,8 @@ numbers stand beside them, marked by where they come from.
 Command:
     python -m experiments.semisupervised --out runs/ssl          # the whole table, hours
     python -m experiments.semisupervised --out runs/ssl --labels 100 --draws 1 --no-ablation
+    python -m experiments.semisupervised --out runs/ssl --labels 100 --no-table \
+        --ablation-rows default without-entropy                  # some rows of the ablation
     python -m experiments.semisupervised --smoke                  # digits, seconds (tests)
 
 Expected output: docs/semisupervised.md holds the table of one full run.
@@ -124,6 +126,12 @@ def ablations() -> list[tuple[str, dict[str, float]]]:
     return rows
 
 
+def row_slug(name: str) -> str:
+    """An ablation row's name as a word: "with min cross entropy (weight 1)" ->
+    "with-min-cross-entropy-weight-1" (its run directory, and its --ablation-rows name)."""
+    return name.replace(" ", "-").replace("(", "").replace(")", "")
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [r["test_error"] for r in runs]
     return {
@@ -156,10 +164,12 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if args.ablation:
         labels = args.labels[0]
         for name, extra in ablations():
+            if args.ablation_rows and row_slug(name) not in args.ablation_rows:
+                continue
             settings = {"algo": "ssl", "labels": labels, "seed": 0,
                         "epochs": args.ablation_epochs, **extra}  # fmt: skip
-            slug = name.replace(" ", "-").replace("(", "").replace(")", "")
-            ablation.append({"row": name, **run(out, f"ablation-{labels}-{slug}", settings, args)})
+            directory = f"ablation-{labels}-{row_slug(name)}"
+            ablation.append({"row": name, **run(out, directory, settings, args)})
     return {"data": args.data, "out": str(out), "table": table, "ablation": ablation}
 
 
@@ -232,6 +242,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--no-table", dest="table", action="store_false", help="the ablation alone")
     parser.add_argument("--ablation-epochs", type=positive_int, default=10)
+    parser.add_argument(
+        "--ablation-rows",
+        nargs="+",
+        choices=[row_slug(name) for name, _ in ablations()],
+        default=None,
+        metavar="ROW",
+        help="only these rows of the ablation (default: all): "
+        + ", ".join(row_slug(name) for name, _ in ablations()),
+    )
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--limit-train", type=positive_int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="run directories go here")

@@ -148,3 +148,19 @@ def test_semisupervised_ablation_switches_each_term_once() -> None:
         else:
             assert values == [0.0]
     assert rows["with reconstruction at weight 1"] == {"reconstruction_weight": 1.0}
+
+
+def test_semisupervised_ablation_rows_runs_only_the_named_rows(tmp_path: Path) -> None:
+    """--ablation-rows runs (and reports) those rows alone, into the directories a full
+    ablation uses; an unknown row is refused by the parser."""
+    from experiments import semisupervised
+
+    args = semisupervised.parse_args(
+        ["--smoke", "--no-table", "--ablation-rows", "without-entropy", "--out", str(tmp_path)]
+    )
+    result = semisupervised.main(args)
+    assert [r["row"] for r in result["ablation"]] == ["without entropy"]
+    assert result["ablation"][0]["settings"]["entropy_weight"] == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation-50-without-entropy"]
+    with pytest.raises(SystemExit):
+        semisupervised.parse_args(["--ablation-rows", "without-everything"])
