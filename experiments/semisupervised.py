@@ -98,14 +98,9 @@ def run(out: Path, name: str, settings: dict[str, Any], args: argparse.Namespace
         "epochs": len(metrics),
         "diverged": diverged,
         "inference_gap": metrics[-1].get("test_inference_gap"),
-        "generative_error": 1.0 - generative_accuracy(directory, args),
+        "generative_error": 1.0 - evaluation.generative_accuracy_of_run(directory, args.data),
         "final": metrics[-1],
     }
-
-
-def generative_accuracy(directory: Path, args: argparse.Namespace) -> float:
-    """The generative classifier's accuracy on the whole test set, from the run's checkpoint."""
-    return evaluation.generative_accuracy_of_run(directory, args.data)
 
 
 def ablations() -> list[tuple[str, dict[str, float]]]:
@@ -206,8 +201,7 @@ def format_table(result: dict[str, Any]) -> str:
     if result["ablation"]:
         lines += [
             "",
-            "Ablation (first draw; each term of the default loss removed in turn, each optional "
-            "one added):",
+            "Ablation (first draw; each row one term removed, added or reweighted):",
             "",
             "| loss | test error (%) | mean of the last 3 epochs (%) | generative classifier (%) "
             "| inference gap | train time (s) |",
@@ -242,20 +236,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--no-table", dest="table", action="store_false", help="the ablation alone")
     parser.add_argument("--ablation-epochs", type=positive_int, default=10)
+    rows = [row_slug(name) for name, _ in ablations()]
     parser.add_argument(
         "--ablation-rows",
         nargs="+",
-        choices=[row_slug(name) for name, _ in ablations()],
+        choices=rows,
         default=None,
         metavar="ROW",
-        help="only these rows of the ablation (default: all): "
-        + ", ".join(row_slug(name) for name, _ in ablations()),
+        help=f"only these rows of the ablation (default: all): {', '.join(rows)}",
     )
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--limit-train", type=positive_int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="run directories go here")
     parser.add_argument("--smoke", action="store_true", help="digits subset, 1 epoch (tests)")
     args = parser.parse_args(argv)
+    if args.ablation_rows and not args.ablation:
+        parser.error("--ablation-rows names rows of the ablation that --no-ablation switches off")
     if args.smoke:
         args.data, args.labels, args.draws = "digits", [50], 2
         args.epochs, args.ablation_epochs, args.limit_train = 1, 1, 200

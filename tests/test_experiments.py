@@ -164,3 +164,15 @@ def test_semisupervised_ablation_rows_runs_only_the_named_rows(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation-50-without-entropy"]
     with pytest.raises(SystemExit):
         semisupervised.parse_args(["--ablation-rows", "without-everything"])
+
+
+def test_semisupervised_refuses_ablation_rows_without_the_ablation(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--ablation-rows with --no-ablation would name rows that never run: refused in one line."""
+    from experiments import semisupervised
+
+    with pytest.raises(SystemExit):
+        semisupervised.parse_args(["--no-ablation", "--ablation-rows", "default"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--no-ablation" in err
