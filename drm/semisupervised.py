@@ -34,9 +34,11 @@ A few labelled and many unlabelled images train one DRM. Each step is one round 
   the DRM's translation nuisance says that the class does not depend on where the image sits, so
   the posterior of a translated image T x (each unlabelled image shifted by up to `max_shift`
   pixels, zeros filling in) is asked to match the image's own, q(x) = softmax(s(x)) held fixed
-  (the Pi-model / stochastic-transformation regulariser). Each image's shift is a pseudo-random
-  function of its pixels and of the step number (`content_shifts`), so a data-parallel shard
-  shifts its images as one process would, and a resumed run as an uninterrupted one.
+  (the Pi-model / stochastic-transformation regulariser), or with a `teacher` the posterior of
+  the untranslated image under that model (the moving average of the iterates: mean teacher).
+  Each image's shift is a pseudo-random function of its pixels and of the step number
+  (`content_shifts`), so a data-parallel shard shifts its images as one process would, and a
+  resumed run as an uninterrupted one.
   `generative_cross_entropy` is the conditional likelihood of the generative classifier itself
   (`drm.inference.generative_scores`: log p(x, c, z*) under the factorized prior, every class
   rendered through the same z*): -log p(y | x, z*). With the reconstruction it is hybrid
@@ -141,6 +143,7 @@ ON_DEMAND = ("path_normalization", "min_cross_entropy", "consistency", "generati
 PER_IMAGE_TERMS = ("reconstruction", "entropy", "nonnegativity")
 BALANCE_TARGETS = ("prior", "uniform")  # what the class_balance term pulls toward
 CLASS_GUESSES = ("cnn", "generative")  # whose arg max the E-step takes for an unlabelled image
+CONSISTENCY_TARGETS = ("self", "average")  # whose posterior the consistency term matches
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -166,6 +169,10 @@ class SemiSupervisedEM:
             arg max of log p(x, c, z*) under the factorized prior (`generative_scores`, C
             top-down passes): the hard E-step of the model that the generative classifier and
             `generative_cross_entropy` read.
+        teacher: the consistency term's target model: None, the image's own posterior under
+            the model being trained (the Pi-model); a model (the moving average of the
+            iterates, `drm.averaging`), its posterior on the untranslated image (the mean
+            teacher, Tarvainen and Valpola 2017). Not trained here; it may be set later.
         reduce: sums a tensor over the data-parallel processes (`drm.distributed.all_reduce_`);
             None: one process. Each process holds a shard of the global batch; the counts of
             images and labels and the batch's summed posterior are summed first (one
@@ -184,6 +191,7 @@ class SemiSupervisedEM:
         seed: int = 0,
         balance_target: str = "uniform",
         class_guess: str = "cnn",
+        teacher: DeepRenderingModel | None = None,
     ) -> None:
         if not isinstance(max_shift, int) or max_shift < 1:
             raise ValueError(f"max_shift must be an int >= 1, got {max_shift!r}")
@@ -192,6 +200,7 @@ class SemiSupervisedEM:
         if class_guess not in CLASS_GUESSES:
             raise ValueError(f"class_guess must be 'cnn' or 'generative', got {class_guess!r}")
         self.class_guess = class_guess
+        self.teacher = teacher
         # the class_balance term's target: the model's (learned) class prior pi, or the uniform
         # distribution (the class frequencies of a balanced labelled subset), which a prior
         # drifting toward one class cannot follow
@@ -320,7 +329,11 @@ class SemiSupervisedEM:
             return scores.sum() * 0.0
         images = x[unlabelled]
         shifted = translate(images, content_shifts(images, offset, self.max_shift))
-        target = scores[unlabelled].detach().softmax(1)
+        if self.teacher is None:
+            target = scores[unlabelled].detach().softmax(1)
+        else:
+            with torch.no_grad():
+                target = walk_up(self.teacher, images).output.softmax(1)
         return consistency_term(target, walk_up(self.model, shifted).output) * (local / total)
 
     def _generative_cross_entropy(self, x: Tensor, y: Tensor, latents: Latents) -> Tensor:

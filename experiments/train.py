@@ -60,7 +60,7 @@ from typing import Any
 
 from drm import distributed
 from drm.m_steps import DEFAULT_ETA, M_STEPS
-from drm.semisupervised import BALANCE_TARGETS, CLASS_GUESSES
+from drm.semisupervised import BALANCE_TARGETS, CLASS_GUESSES, CONSISTENCY_TARGETS
 from experiments._cli import EXPECTED_ERRORS, Parser, one_line, positive_float, positive_int
 from experiments.training.config import (
     DEFAULTS,
@@ -212,6 +212,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         default=None,
         help="ssl: an unlabelled image's class in the E-step: the arg max of the CNN's (max-sum) "
         "scores or of the generative scores log p(x, c, z*) (default: cnn)",
+    )
+    parser.add_argument(
+        "--consistency-target",
+        choices=CONSISTENCY_TARGETS,
+        default=None,
+        help="ssl: the posterior the consistency term asks a translated image's to match: the "
+        "image's own under the trained model, or under the moving average of the iterates "
+        "(mean teacher; needs --average-decay > 0) (default: self)",
     )
     for term, weight in SSL_WEIGHTS.items():
         parser.add_argument(

@@ -555,3 +555,37 @@ def test_consistency_is_zero_for_translation_invariant_scores() -> None:
     trainer = SemiSupervisedEM(model, only(consistency=1.0), max_shift=2)
     values, _ = trainer.terms(x, torch.full((4,), UNLABELLED))
     assert float(values["consistency"].detach()) == pytest.approx(0.0, abs=IDENTITY_TOL)
+
+
+def test_a_mean_teacher_sets_the_consistency_target() -> None:
+    """With a teacher, the target is the teacher's posterior of the untranslated image; value and
+    gradient against the explicit formula (float64). A teacher equal to the model is the
+    model's own target; the teacher is not trained."""
+    model = build(ARCHITECTURES["leaky"], seed=36)
+    x = images(model, 6, seed=37)
+    y = labels_with_unlabelled(model, 6, seed=38)
+    teacher = build(ARCHITECTURES["leaky"], seed=39).requires_grad_(False)
+    trainer = SemiSupervisedEM(model, only(consistency=2.0), teacher=teacher)
+    values, loss = trainer.terms(x, y)
+    parameters = list(model.parameters())
+    ours = torch.autograd.grad(loss, parameters, allow_unused=True)
+
+    unlabelled = x[y < 0]
+    shifted = translate(unlabelled, content_shifts(unlabelled, trainer.translation_offset(), 2))
+    q = drm.max_sum(teacher, unlabelled)[0].softmax(1)
+    p = drm.max_sum(model, shifted)[0].softmax(1)
+    value = (q * (q / p).log()).sum(1).mean()
+    expected = float(value.detach())
+    assert float(values["consistency"].detach()) == pytest.approx(expected, rel=IDENTITY_TOL)
+    theirs = torch.autograd.grad(2.0 * value, parameters, allow_unused=True)
+    for a, b in zip(ours, theirs, strict=True):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, atol=IDENTITY_TOL, rtol=0)
+    with torch.no_grad():
+        own = float(SemiSupervisedEM(model, only(consistency=1.0)).terms(x, y)[0]["consistency"])
+        same = SemiSupervisedEM(model, only(consistency=1.0), teacher=copy.deepcopy(model))
+        assert float(same.terms(x, y)[0]["consistency"]) == pytest.approx(own, rel=IDENTITY_TOL)
+    assert expected != pytest.approx(own, rel=1e-3)  # the teacher's target differs
+    before = [t.clone() for t in teacher.parameters()]
+    trainer.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))

@@ -177,10 +177,13 @@ def test_unsupervised_clusters_are_scored_by_their_majority_label(tmp_path: Path
 
 DEEP_ALGORITHMS = ALGORITHMS[:3]
 CHANNELS_LAST_ATOL = 1e-4  # float32: only the summation order of the convolutions differs
+SSL_AVERAGE = ["--algo", "ssl", "--labels", "20", "--average-decay", "0.9"]
 RESUME_RUNS = [
     *ALGORITHMS,
     # parameter averaging (drm.averaging): the saved model is the average, the state the iterate
-    pytest.param(["--algo", "ssl", "--labels", "20", "--average-decay", "0.9"], id="ssl-average"),
+    pytest.param(SSL_AVERAGE, id="ssl-average"),
+    # the mean teacher: the consistency target is the average, restored on resume
+    pytest.param([*SSL_AVERAGE, "--consistency-target", "average"], id="ssl-mean-teacher"),
     # channels_last resumes: slow (test_channels_last_trains_the_same_model keeps the layout fast)
     *(
         pytest.param([*p.values[0], "--channels-last"], id=f"{p.id}-cl", marks=pytest.mark.slow)
@@ -438,6 +441,25 @@ def test_the_class_balance_target_reaches_the_trainer_and_binds_the_run(tmp_path
     assert trainer.trainer.balance_target == "uniform"  # type: ignore[attr-defined]
     with pytest.raises(train.RunError, match="--class-balance-target 'prior' .stored. vs 'unif"):
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
+
+
+def test_the_mean_teacher_is_the_average_and_binds_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--algo", "ssl", "--labels", "50", "--consistency-target", "average"]
+    run(tmp_path, *argv, epochs=1)
+    args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
+    trainer = build_trainer(args, load_checkpoint(tmp_path / CHECKPOINT).model)
+    assert isinstance(trainer, ParameterAverage)
+    assert trainer.trainer.teacher is trainer.average  # type: ignore[attr-defined]
+    default = train.parse_args([*SMALL, "--algo", "ssl", "--out", str(tmp_path)])
+    trainer = build_trainer(default, load_checkpoint(tmp_path / CHECKPOINT).model)
+    assert trainer.trainer.teacher is None  # type: ignore[attr-defined]
+    with pytest.raises(train.RunError, match="--consistency-target 'average' .stored. vs 'self'"):
+        run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--smoke", *argv, "--average-decay", "0"])
+    assert "--consistency-target average needs --average-decay > 0" in capsys.readouterr().err
 
 
 def test_the_class_guess_reaches_the_trainer_and_binds_the_run(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ ESSENTIAL = (
     "consistency_shift",
     "class_balance_target",
     "class_guess",
+    "consistency_target",
     *(f"{term}_weight" for term in TERMS),
 )
 # Per-algorithm defaults of the settings given as None.
@@ -77,6 +78,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # the uniform target kept two of three label draws from collapsing into one class
         "class_balance_target": "uniform",
         "class_guess": "cnn",
+        "consistency_target": "self",
     },
 }
 # The value of a setting that runs written before it existed were made with (their
@@ -88,6 +90,7 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
         "average_decay": 0.0,
         "generative_cross_entropy_weight": 0.0,
         "class_guess": "cnn",
+        "consistency_target": "self",
     },
     "dem": {"m_step": "gradient", "average_decay": 0.0},  # before --m-step: gradient M-steps
     "em": {"average_decay": 0.0},
@@ -95,6 +98,7 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
 SSL_WEIGHTS = LossWeights()  # the default weight of each semi-supervised term
 # The settings that only --algo ssl reads (None for the other algorithms).
 SSL_ONLY = ("labelled_batch_size", "consistency_shift", "class_balance_target", "class_guess",
+            "consistency_target",
             *(f"{term}_weight" for term in TERMS))  # fmt: skip
 # Metric keys that measure time (they differ between an uninterrupted and a resumed run).
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "elapsed", "images_per_second")
@@ -125,7 +129,7 @@ class RunConfig:
     # dem: discriminative EM; em: generative (supervised shallow EM on the shallow model)
     algo: Literal["sgd", "dem", "em", "ssl"] = "sgd"
     data: str | None = None  # mnist, digits, or PATH.npz; None: mnist (digits with smoke)
-    epochs: int | None = None  # None: 2 (ssl: 30)
+    epochs: int | None = None  # None: 2 (ssl: 25)
     out: Path | None = None  # the run directory; None only with smoke (a temporary one)
     seed: int = 0  # model init, minibatch order, the labelled draw
     device: Literal["cpu", "cuda"] = "cpu"  # under torchrun, cuda is cuda:LOCAL_RANK
@@ -149,6 +153,8 @@ class RunConfig:
     class_balance_target: Literal["prior", "uniform"] | None = None  # ssl; None: uniform
     # ssl: an unlabelled image's class in the E-step, from the CNN's or the generative scores
     class_guess: Literal["cnn", "generative"] | None = None  # None: cnn
+    # ssl: the consistency term's target, the model's own posterior or the moving average's
+    consistency_target: Literal["self", "average"] | None = None  # None: self
     # ssl: the weight of each loss term (None: SSL_WEIGHTS)
     cross_entropy_weight: float | None = None
     reconstruction_weight: float | None = None
@@ -235,6 +241,8 @@ class RunConfig:
             raise ValueError(f"--average-decay must be in [0, 1), got {self.average_decay!r}")
         if self.average_decay and self.algo not in ("dem", "ssl"):
             raise ValueError("--average-decay applies to --algo dem and ssl")
+        if self.consistency_target == "average" and not self.average_decay:
+            raise ValueError("--consistency-target average needs --average-decay > 0")
         if self.amp is not None and self.algo != "sgd":
             raise ValueError("--amp applies to --algo sgd")
         exact = self.algo == "dem" and self.m_step != "gradient"

@@ -64,11 +64,16 @@ def build_trainer(config: RunConfig, model: Any) -> Trainer:
     """The trainer of `config.algo` for `model` (trained in place, except SGD's CNN copy).
 
     With `average_decay` > 0 (dem, ssl) it is wrapped in `drm.averaging.ParameterAverage`: the
-    run's model is then the moving average of the iterates.
+    run's model is then the moving average of the iterates (and with `consistency_target`
+    "average", ssl's consistency target).
     """
     trainer = _algorithm_trainer(config, model)
     if config.average_decay:
-        return ParameterAverage(trainer, config.average_decay)
+        averaged = ParameterAverage(trainer, config.average_decay)
+        if config.consistency_target == "average":
+            assert isinstance(trainer, SemiSupervisedEM)  # RunConfig: an ssl setting
+            trainer.teacher = averaged.average  # the mean teacher
+        return averaged
     return trainer
 
 
