@@ -180,14 +180,17 @@ def _percent(values: list[float]) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [
-        f"{result['data']}: test error (%) of each label draw (runs in {result['out']})",
-        "",
-        "| labels | training | test error, mean +- std | per draw | generative classifier "
-        "| inference gap | train time (s) |",
-        "|---:|---|---:|---|---|---|---|",
-    ]
-    for row in result["table"]:  # (empty with --no-table)
+    lines = [f"{result['data']}: semi-supervised results (runs in {result['out']})"]
+    if result["table"]:  # (empty with --no-table)
+        lines += [
+            "",
+            "Test error (%) of each label draw:",
+            "",
+            "| labels | training | test error, mean +- std | per draw | generative classifier "
+            "| inference gap | train time (s) |",
+            "|---:|---|---:|---|---|---|---|",
+        ]
+    for row in result["table"]:
         kind = "supervised only" if row["kind"] == "supervised" else "semi-supervised (ssl)"
         gaps = ", ".join("n/a" if g is None else f"{g:.3g}" for g in row["inference_gaps"])
         if any(row["diverged"]):

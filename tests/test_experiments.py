@@ -162,6 +162,8 @@ def test_semisupervised_ablation_rows_runs_only_the_named_rows(tmp_path: Path) -
     assert [r["row"] for r in result["ablation"]] == ["without entropy"]
     assert result["ablation"][0]["settings"]["entropy_weight"] == 0.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation-50-without-entropy"]
+    text = semisupervised.format_table(result)
+    assert "without entropy" in text and "label draw" not in text  # no empty draws table
     with pytest.raises(SystemExit):
         semisupervised.parse_args(["--ablation-rows", "without-everything"])
 
