@@ -200,12 +200,12 @@ class SemiSupervisedEM:
         if class_guess not in CLASS_GUESSES:
             raise ValueError(f"class_guess must be 'cnn' or 'generative', got {class_guess!r}")
         self.class_guess = class_guess
-        self.teacher = teacher
         # the class_balance term's target: the model's (learned) class prior pi, or the uniform
         # distribution (the class frequencies of a balanced labelled subset), which a prior
         # drifting toward one class cannot follow
         self.balance_target = balance_target
         self.model = model
+        self.teacher = teacher  # checked against the model
         self.max_shift = max_shift
         self.seed = seed
         self.steps = 0  # steps taken: with the seed, it draws the consistency translations
@@ -213,6 +213,28 @@ class SemiSupervisedEM:
         self.optimizer = make_optimizer(model.parameters(), optimizer, lr)
         self.reduce = reduce
         self._reset_sums()
+
+    @property
+    def teacher(self) -> DeepRenderingModel | None:
+        """The consistency term's target model (None: the model's own posterior)."""
+        return self._teacher
+
+    @teacher.setter
+    def teacher(self, teacher: DeepRenderingModel | None) -> None:
+        # a teacher of other classes, images or precision would give targets of another model
+        if teacher is not None:
+            model = self.model
+            if not isinstance(teacher, DeepRenderingModel):
+                name = type(teacher).__name__
+                raise TypeError(f"teacher must be a DeepRenderingModel, got {name}")
+            ours = (model.num_classes, model.input_shape, model.class_log_prior.dtype)
+            theirs = (teacher.num_classes, teacher.input_shape, teacher.class_log_prior.dtype)
+            if theirs != ours:
+                raise ValueError(
+                    f"the teacher's (classes, image shape, dtype) {theirs} differ from the "
+                    f"model's {ours}"
+                )
+        self._teacher = teacher
 
     def _reset_sums(self) -> None:
         # the terms computed (min_cross_entropy only when weighted), then the loss

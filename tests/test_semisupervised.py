@@ -589,3 +589,21 @@ def test_a_mean_teacher_sets_the_consistency_target() -> None:
     before = [t.clone() for t in teacher.parameters()]
     trainer.step(x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+
+
+def test_a_teacher_of_another_model_is_refused() -> None:
+    """A teacher of other classes, image shape or dtype would set the targets of another model."""
+    model = build(ARCHITECTURES["leaky"], seed=40)  # 3 classes, (1, 8, 8), float64
+    same_shape = build(ARCHITECTURES["pool-before-switch"], seed=41)  # 3 classes, (1, 8, 8)
+    SemiSupervisedEM(model, teacher=same_shape)  # another architecture of the same task: fine
+    for other, message in [
+        (build(ARCHITECTURES["avgpool-divisor"], seed=42), "differ from the model's"),  # 2 classes
+        (build(ARCHITECTURES["dense-only"], seed=43), "differ from the model's"),  # (1, 4, 5)
+        (copy.deepcopy(model).float(), "differ from the model's"),  # float32
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SemiSupervisedEM(model, teacher=other)
+    trainer = SemiSupervisedEM(model)
+    with pytest.raises(TypeError, match="teacher must be a DeepRenderingModel"):
+        trainer.teacher = torch.nn.Linear(2, 3)  # type: ignore[assignment]
+    assert trainer.teacher is None
