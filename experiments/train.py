@@ -22,7 +22,7 @@ algorithms train on those alone, ssl on every image with those labelled. `--amp 
 only) runs the CNN's forward pass under bfloat16 autocast. `--channels-last` stores a deep
 model's conv templates in NHWC strides (same values, same results up to float rounding; 1.2-1.4x
 faster training steps on CPU, as `experiments/bench_all.py` measures; on by default for ssl
-with LeNet).
+on 28x28 or larger images).
 
 Data-parallel training: `torchrun --nproc_per_node N -m experiments.train ...` starts N ranks
 that each train on their shard of every minibatch and make the update of the whole minibatch
@@ -125,9 +125,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     parser.add_argument(
         "--model",
-        choices=("lenet", "small", "shallow"),
         default=None,
-        help="default: lenet for 28x28 or larger images, small otherwise",
+        metavar="{lenet,small,shallow,PATH.json}",
+        help="the architecture: a preset, or a JSON file holding a deep model's "
+        "drm.ModelConfig.to_dict() (docs/training.md); default: lenet for 28x28 or larger "
+        "images, small otherwise",
     )
     parser.add_argument(
         "--batch-size", type=positive_int, default=None, help="default 64 (16 below 10k images)"
@@ -275,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="deep model: store conv templates channels_last (1.2-1.4x faster training on CPU, "
-        "docs/performance.md); default on for ssl with lenet, off otherwise",
+        "docs/performance.md); default on for ssl on 28x28 or larger images, off otherwise",
     )
     parser.add_argument(
         "--dist-timeout",

@@ -24,7 +24,7 @@ import drm
 from cnn_equiv.mapping import to_cnn
 from drm.averaging import ParameterAverage
 from drm.checkpoint import load_checkpoint, save_checkpoint
-from drm.config import ModelConfig
+from drm.config import ModelConfig, small_config
 from drm.data import labelled_subset
 from drm.inference import generative_scores
 from drm.refine import inference_gap_lower_bound
@@ -210,6 +210,73 @@ def test_channels_last_trains_the_same_model(tmp_path: Path, algo: list[str]) ->
     assert list(a) == list(b)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=CHANNELS_LAST_ATOL, msg=name)
+
+
+def write_architecture(path: Path, config: ModelConfig) -> str:
+    path.write_text(json.dumps(config.to_dict()))
+    return str(path)
+
+
+@pytest.mark.parametrize("algo", [["--algo", "sgd"], ["--algo", "ssl", "--labels", "20"]])
+def test_an_architecture_file_trains_that_model_and_binds_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], algo: list[str]
+) -> None:
+    """--model PATH.json: the file's architecture is the run's model (the preset's file gives
+    the preset's run, bit for bit), resume gives the uninterrupted run, and a file edited since
+    the run began is refused on resume."""
+    preset = small_config((1, 8, 8), 10)
+    path = write_architecture(tmp_path / "small.json", preset)
+    run(tmp_path / "preset", *algo, "--model", "small", epochs=1)
+    run(tmp_path / "file", *algo, "--model", path, epochs=1)
+    assert_same_run(tmp_path / "preset", tmp_path / "file")
+    wider = ModelConfig.from_dict(
+        {**preset.to_dict(), "levels": [{**level, "out_features": 32} if level["kind"] == "dense"
+                                        else level for level in preset.to_dict()["levels"]]}
+    )  # fmt: skip
+    wide = write_architecture(tmp_path / "wide.json", wider)
+    run(tmp_path / "straight", *algo, "--model", wide, epochs=2)
+    run(tmp_path / "resumed", *algo, "--model", wide, epochs=1)
+    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT).model.config == wider
+    stored = json.loads((tmp_path / "resumed" / CONFIG).read_text())
+    assert (
+        stored["args"]["model"] == wide
+        and ModelConfig.from_dict(stored["model"]["config"]) == wider
+    )
+    run(tmp_path / "resumed", *algo, "--model", wide, "--resume", epochs=2)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    write_architecture(tmp_path / "wide.json", preset)  # edited after the run began
+    line = cli_error(capsys, [*SMALL, *algo, "--model", wide, "--epochs", "3", "--out",
+                              str(tmp_path / "resumed"), "--resume"])  # fmt: skip
+    assert "now describes another architecture" in line
+    line = cli_error(capsys, [*SMALL, *algo, "--model", path, "--epochs", "3", "--out",
+                              str(tmp_path / "resumed"), "--resume"])  # fmt: skip
+    assert "--model" in line and "small.json" in line  # another file: another model
+
+
+def test_a_bad_architecture_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = ["--epochs", "1", "--out", str(tmp_path / "out")]
+    line = cli_error(capsys, [*SMALL, "--model", str(tmp_path / "missing.json"), *out])
+    assert "missing.json" in line and "cannot read" in line
+    (tmp_path / "garbage.json").write_text("{not json")
+    line = cli_error(capsys, [*SMALL, "--model", str(tmp_path / "garbage.json"), *out])
+    assert "garbage.json is not a drm.ModelConfig" in line
+    (tmp_path / "list.json").write_text("[1, 2]")
+    line = cli_error(capsys, [*SMALL, "--model", str(tmp_path / "list.json"), *out])
+    assert "list.json is not a drm.ModelConfig" in line
+    (tmp_path / "fields.json").write_text(json.dumps({"levels": [{"kind": "conv"}]}))
+    line = cli_error(capsys, [*SMALL, "--model", str(tmp_path / "fields.json"), *out])
+    assert "fields.json is not a drm.ModelConfig" in line
+    mnist_sized = write_architecture(tmp_path / "lenet.json", drm.lenet_config())
+    line = cli_error(capsys, [*SMALL, "--model", mnist_sized, *out])
+    assert "describes images (1, 28, 28) in 10 classes" in line and "(1, 8, 8)" in line
+    with pytest.raises(SystemExit):  # the command line's own check
+        train.parse_args([*SMALL, "--model", "resnet", *out])
+    assert "--model must be one of lenet, small, shallow or a PATH.json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--model must be one of"):
+        RunConfig(smoke=True, model="lenet.yaml")
+    assert not (tmp_path / "out" / CHECKPOINT).exists()
 
 
 def test_channels_last_is_refused_for_the_shallow_model(

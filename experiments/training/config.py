@@ -108,7 +108,13 @@ POSITIVE_INTS = ("epochs", "batch_size", "m_steps", "num_classes", "labels", "la
                  "consistency_shift", "template_size", "cg_iterations", "refine_sweeps", "threads",
                  "limit_train", "limit_test", "eval_batch_size")  # fmt: skip
 POSITIVE_FLOATS = ("lr", "lr_decay", "em_step_size", "dist_timeout", "m_step_eta")
+MODEL_PRESETS = ("lenet", "small", "shallow")  # --model's names; anything else is a PATH.json
 SMOKE_IMAGES = 256  # --smoke: the training images (at most)
+
+
+def is_model_file(model: str | None) -> bool:
+    """Whether `--model` names an architecture file (PATH.json) rather than a preset."""
+    return model is not None and model.lower().endswith(".json")
 
 
 def _choices(annotation: Any) -> list[str]:
@@ -135,8 +141,9 @@ class RunConfig:
     device: Literal["cpu", "cuda"] = "cpu"  # under torchrun, cuda is cuda:LOCAL_RANK
     resume: bool = False  # continue the run in `out`
     overwrite: bool = False  # start again even if `out` holds a run
+    # lenet, small, shallow, or PATH.json holding a drm.ModelConfig (deep; `model_file`);
     # None: lenet for images of at least 28x28, else small
-    model: Literal["lenet", "small", "shallow"] | None = None
+    model: str | None = None
     batch_size: int | None = None  # None: 64 (16 below 10,000 training images)
     lr: float | None = None  # the first epoch's learning rate; None: 2e-3 (ssl: 1e-3)
     lr_decay: float | None = None  # lr factor per epoch; None: 0.7 (ssl: 0.93)
@@ -225,6 +232,15 @@ class RunConfig:
                 check_nonnegative(value, option, positive=True)
             elif field.name.endswith("_weight"):
                 check_nonnegative(value, option)
+        if (
+            self.model is not None
+            and self.model not in MODEL_PRESETS
+            and not is_model_file(self.model)
+        ):
+            raise ValueError(
+                f"--model must be one of {', '.join(MODEL_PRESETS)} or a PATH.json holding a "
+                f"drm.ModelConfig, got {self.model!r}"
+            )
         if self.out is None and not self.smoke:
             raise ValueError("--out DIR is required (except with --smoke)")
         if self.resume and self.overwrite:
@@ -270,5 +286,5 @@ assert _choices(get_type_hints(RunConfig)["m_step"]) == list(M_STEPS)
 # a term added to LossWeights needs its --TERM-weight field above
 assert {f"{term}_weight" for term in TERMS} <= {f.name for f in dataclasses.fields(RunConfig)}
 
-__all__ = ["DEFAULTS", "ESSENTIAL", "LEGACY_SETTINGS", "SSL_WEIGHTS", "TIMING_KEYS", "RunConfig",
-           "RunError"]  # fmt: skip
+__all__ = ["DEFAULTS", "ESSENTIAL", "LEGACY_SETTINGS", "MODEL_PRESETS", "SSL_WEIGHTS",
+           "TIMING_KEYS", "RunConfig", "RunError", "is_model_file"]  # fmt: skip

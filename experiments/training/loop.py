@@ -41,7 +41,7 @@ from drm.em import Trainer
 from drm.semisupervised import UNLABELLED
 from drm.shallow import ShallowRenderingModel
 from experiments.training import rundir
-from experiments.training.config import RunConfig, RunError
+from experiments.training.config import RunConfig, RunError, is_model_file
 from experiments.training.data import (
     check_same_data,
     data_description,
@@ -58,6 +58,7 @@ from experiments.training.trainers import (
     build_trainer,
     epoch_lr,
     has_optimizer,
+    model_file_config,
     set_learning_rate,
 )
 
@@ -295,12 +296,21 @@ def _prepare(
         # 1.3x faster LeNet ssl steps on CPU; slower on 8x8 images
         channels_last=config.channels_last
         if config.channels_last is not None
-        else config.algo == "ssl" and model_name == "lenet",
+        else config.algo == "ssl"
+        and model_name != "small"
+        and default_model(data.image_shape) == "lenet",
         batch_size=config.batch_size or default_batch_size(data.x_train.shape[0]),
     )
     assert config.epochs is not None  # filled in by RunConfig
     if config.resume:
         rundir.check_resumable(stored_config, config, out)
+        if is_model_file(model_name):  # the file may have been edited since the run began
+            architecture = model_file_config(model_name, data.image_shape, data.num_classes)
+            if getattr(model, "config", None) != architecture:
+                raise RunError(
+                    f"--resume: {model_name} now describes another architecture than the run "
+                    f"in {out} (restore the file, or start a run in another --out)"
+                )
         check_same_data(stored_config.get("data", {}),
                         data_description(name, data, labelled), out)  # fmt: skip
         drawn = None if labelled is None else labelled.tolist()

@@ -10,6 +10,8 @@ trainers sum their statistics over the ranks (`drm.distributed.all_reduce_`).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,14 +20,14 @@ import drm
 from cnn_equiv import SGDTrainer
 from drm import distributed
 from drm.averaging import ParameterAverage
-from drm.config import small_config
+from drm.config import ModelConfig, small_config
 from drm.data import Dataset
 from drm.em import GenerativeEM, Trainer
 from drm.m_steps import discriminative_em
 from drm.semisupervised import SemiSupervisedEM
 from drm.shallow import ShallowRenderingModel
 from drm.shallow_em import ShallowEM, init_from_class_means, init_from_kmeans
-from experiments.training.config import RunConfig, RunError
+from experiments.training.config import RunConfig, RunError, is_model_file
 
 
 def build_model(config: RunConfig, data: Dataset) -> drm.DeepRenderingModel | ShallowRenderingModel:
@@ -33,13 +35,44 @@ def build_model(config: RunConfig, data: Dataset) -> drm.DeepRenderingModel | Sh
     shape, classes = data.image_shape, data.num_classes
     if config.model == "shallow":
         return shallow_init(config, data)
-    try:
+    if is_model_file(config.model):
+        assert config.model is not None
+        architecture = model_file_config(config.model, shape, classes)
+    else:
         preset = drm.lenet_config if config.model == "lenet" else small_config
+        try:
+            architecture = preset(shape, classes)
+        except ValueError as err:
+            raise RunError(f"--model {config.model} does not fit images {shape}: {err}") from err
+    try:
         return drm.DeepRenderingModel.from_config(
-            preset(shape, classes), seed=config.seed, dtype=torch.float32
+            architecture, seed=config.seed, dtype=torch.float32
         )
     except ValueError as err:
         raise RunError(f"--model {config.model} does not fit images {shape}: {err}") from err
+
+
+def model_file_config(path: str, shape: tuple[int, int, int], classes: int) -> ModelConfig:
+    """The architecture in the JSON file `path` (`drm.ModelConfig.to_dict()`), checked against
+    the data's image shape and class count (RunError naming the difference)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunError(f"--model {path}: cannot read the file ({err})") from err
+    try:
+        entries = json.loads(text)
+        if not isinstance(entries, dict):
+            raise ValueError("expected a JSON object, as drm.ModelConfig.to_dict() writes")
+        architecture = ModelConfig.from_dict(entries)
+    except (ValueError, TypeError) as err:
+        raise RunError(f"--model {path} is not a drm.ModelConfig: {err}") from err
+    if architecture.input_shape != shape or architecture.num_classes != classes:
+        raise RunError(
+            f"--model {path} describes images {architecture.input_shape} in "
+            f"{architecture.num_classes} classes, but the data has images {shape} in "
+            f"{classes} classes"
+        )
+    return architecture
 
 
 def shallow_init(config: RunConfig, data: Dataset) -> ShallowRenderingModel:
