@@ -187,6 +187,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "all the images with these labelled; default: every image labelled",
     )
     parser.add_argument(
+        "--labelled-indices",
+        default=None,
+        metavar="PATH.json",
+        help="label only these training images: a JSON list of their indices, or a run's "
+        "DIR/labelled.json (instead of --labels)",
+    )
+    parser.add_argument(
         "--labelled-batch-size",
         type=positive_int,
         default=None,

