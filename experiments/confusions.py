@@ -4,7 +4,7 @@ For each run directory (`python -m experiments.train --out DIR`), the final mode
 whole test set of the run's own data by its max-sum scores (the CNN's rule; `drm.max_sum`), and
 the command prints the error count, the `--top` most frequent confusions and, with `--figure`,
 the test images of each run's most frequent confusion beside its labelled training images of the
-true class (the `--labels` subset of an ssl run, when there is one). A run whose data have
+true class (the run's labelled subset, when it has one). A run whose data have
 changed since it was trained (another SHA-256 or package version) is refused, as is a shallow
 model.
 
@@ -35,7 +35,7 @@ from experiments import training
 from experiments._cli import Parser, positive_int, run_command
 from experiments.training.config import RunError
 from experiments.training.data import data_source, load_data
-from experiments.training.rundir import CHECKPOINT, LABELLED, write_json
+from experiments.training.rundir import CHECKPOINT, FORMAT, write_json
 
 FIGURE_IMAGES = 10  # misclassified test images drawn per run (and labelled images beside them)
 
@@ -67,17 +67,23 @@ def top_confusions(counts: Tensor, top: int) -> list[tuple[int, int, int]]:
     return [(t, p, n) for n, t, p in pairs[:top]]
 
 
-def run_model_and_data(directory: Path) -> tuple[drm.DeepRenderingModel, Dataset, dict[str, Any]]:
-    """The run's final model, its data (checked against the record) and its stored config."""
+def run_model_and_data(directory: Path) -> tuple[drm.DeepRenderingModel, Dataset, list[int] | None]:
+    """The run's final model, its data (checked against the record) and its labelled indices
+    (None: every image labelled), all read from the checkpoint."""
     file = directory / CHECKPOINT
     if not file.is_file():
         raise ConfusionError(f"{directory}: no {CHECKPOINT} (not a training run's directory)")
-    checkpoint = load_checkpoint(file)
-    config = json.loads(checkpoint.metadata["run_config"])
-    model = checkpoint.model
+    model, _, metadata = load_checkpoint(file)
+    try:
+        if metadata.get("run_format") != FORMAT:
+            raise KeyError("run_format")
+        config = json.loads(metadata["run_config"])
+        name, recorded = config["args"]["data"], config.get("data", {})
+        labelled = json.loads(metadata.get("labelled", "null"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfusionError(f"{file} was not written by experiments.train ({err})") from err
     if not isinstance(model, drm.DeepRenderingModel):
         raise ConfusionError(f"{directory} holds a shallow model; this command reads deep ones")
-    name, recorded = config["args"]["data"], config.get("data", {})
     now = data_source(name)
     changed = [f"{key} {recorded[key]!r} then, {now.get(key)!r} now" for key in now
                if key in recorded and recorded[key] != now[key]]  # fmt: skip
@@ -87,16 +93,13 @@ def run_model_and_data(directory: Path) -> tuple[drm.DeepRenderingModel, Dataset
     data = load_data(name, None, None, config["args"].get("num_classes"))
     if data.image_shape != model.input_shape or data.num_classes != model.num_classes:
         raise ConfusionError(f"{directory}: the model does not fit its data {name}")
-    return model.eval(), data, config
+    return model.eval(), data, labelled
 
 
-def labelled_examples(directory: Path, data: Dataset, label: int) -> Tensor:
-    """The run's labelled training images of class `label` (an ssl run's --labels subset), or
-    the first training images of that class."""
-    indices = torch.arange(len(data.y_train))
-    if (directory / LABELLED).is_file():
-        stored = json.loads((directory / LABELLED).read_text())
-        indices = torch.tensor(stored["indices"] if isinstance(stored, dict) else stored)
+def labelled_examples(data: Dataset, labelled: list[int] | None, label: int) -> Tensor:
+    """The run's labelled training images of class `label` (its --labels or --labelled-indices
+    subset), or, with every image labelled, the first training images of that class."""
+    indices = torch.arange(len(data.y_train)) if labelled is None else torch.tensor(labelled)
     chosen = indices[data.y_train[indices] == label][:FIGURE_IMAGES]
     return data.x_train[chosen]
 
@@ -126,7 +129,7 @@ def draw(figure: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def report(directory: Path, top: int) -> dict[str, Any]:
-    model, data, _ = run_model_and_data(directory)
+    model, data, labelled = run_model_and_data(directory)
     x_test = data.x_test.to(model.dtype)
     counts, predicted = confusion_matrix(model, x_test, data.y_test)
     confusions = top_confusions(counts, top)
@@ -141,7 +144,7 @@ def report(directory: Path, top: int) -> dict[str, Any]:
         t, p, n = confusions[0]
         wrong = ((data.y_test == t) & (predicted == p)).nonzero().flatten()[:FIGURE_IMAGES]
         row["confused_images"] = x_test[wrong]
-        row["labelled_images"] = labelled_examples(directory, data, t)
+        row["labelled_images"] = labelled_examples(data, labelled, t)
         row["figure_title"] = f"{directory}: test images of class {t} read as {p} ({n} in all)"
         row["labelled_title"] = f"its labelled training images of class {t}"
     return row

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import drm
+from drm.checkpoint import save_checkpoint, save_model
+from drm.config import small_config
 from experiments import confusions, train
 from experiments.training.data import load_data
 from experiments.training.rundir import CHECKPOINT, METRICS
@@ -89,6 +92,13 @@ def test_runs_it_cannot_read_honestly_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert "no model.safetensors" in one_line_error(capsys, [str(tmp_path)])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    model = drm.DeepRenderingModel.from_config(small_config(), seed=0)
+    save_model(model, bare / CHECKPOINT)  # a model alone: load_checkpoint's own refusal
+    assert "no trainer state" in one_line_error(capsys, [str(bare)])
+    save_checkpoint(bare / CHECKPOINT, model, {"step": 1}, {"epoch": "1"})  # not a training run
+    assert "was not written by experiments.train" in one_line_error(capsys, [str(bare)])
     data = load_data("digits", None, None)
     path = tmp_path / "digits.npz"
     arrays = {"x_train": data.x_train.numpy(), "y_train": data.y_train.numpy(),

@@ -35,16 +35,12 @@ def build_model(config: RunConfig, data: Dataset) -> drm.DeepRenderingModel | Sh
     shape, classes = data.image_shape, data.num_classes
     if config.model == "shallow":
         return shallow_init(config, data)
-    if is_model_file(config.model):
-        assert config.model is not None
-        architecture = model_file_config(config.model, shape, classes)
-    else:
-        preset = drm.lenet_config if config.model == "lenet" else small_config
-        try:
-            architecture = preset(shape, classes)
-        except ValueError as err:
-            raise RunError(f"--model {config.model} does not fit images {shape}: {err}") from err
     try:
+        if config.model is not None and is_model_file(config.model):
+            architecture = model_file_config(config.model, shape, classes)  # RunError if not
+        else:
+            preset = drm.lenet_config if config.model == "lenet" else small_config
+            architecture = preset(shape, classes)
         return drm.DeepRenderingModel.from_config(
             architecture, seed=config.seed, dtype=torch.float32
         )
