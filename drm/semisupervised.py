@@ -36,9 +36,11 @@ A few labelled and many unlabelled images train one DRM. Each step is one round 
   pixels, zeros filling in) is asked to match the image's own, q(x) = softmax(s(x)) held fixed
   (the Pi-model / stochastic-transformation regulariser), or with a `teacher` the posterior of
   the untranslated image under that model (the moving average of the iterates: mean teacher).
-  Each image's shift is a pseudo-random function of its pixels and of the step number
-  (`content_shifts`), so a data-parallel shard shifts its images as one process would, and a
-  resumed run as an uninterrupted one.
+  With `deformation` > 0, T also rotates, scales, shears and elastically displaces the image
+  (`deform`; Simard, Steinkraus, Platt 2003): a class does not depend on a digit's slant or the
+  curl of a stroke either. Each image's transformation is a pseudo-random function of its pixels
+  and of the step number (`content_shifts`, `content_uniforms`), so a data-parallel shard
+  transforms its images as one process would, and a resumed run as an uninterrupted one.
   `generative_cross_entropy` is the conditional likelihood of the generative classifier itself
   (`drm.inference.generative_scores`: log p(x, c, z*) under the factorized prior, every class
   rendered through the same z*): -log p(y | x, z*). With the reconstruction it is hybrid
@@ -70,6 +72,8 @@ References:
     Sajjadi, Javanmardi, Tasdizen, Regularization With Stochastic Transformations and
     Perturbations for Deep Semi-Supervised Learning, NIPS 2016.
     Laine, Aila, Temporal Ensembling for Semi-Supervised Learning, ICLR 2017 (the Pi-model).
+    Simard, Steinkraus, Platt, Best Practices for Convolutional Neural Networks Applied to
+    Visual Document Analysis, ICDAR 2003 (elastic deformations).
     Bishop, Lasserre, Generative or Discriminative? Getting the Best of Both Worlds, Bayesian
     Statistics 8 (2007).
 """
@@ -96,6 +100,7 @@ from drm.semisupervised_terms import (
     consistency_term,
     content_shifts,
     cross_entropy_term,
+    deform,
     entropy_term,
     generative_cross_entropy_term,
     nonnegativity_term,
@@ -161,6 +166,9 @@ class SemiSupervisedEM:
             discriminative EM (= SGD) step on the batch's labelled images.
         optimizer, lr: the M-step's optimizer.
         max_shift: the consistency term's largest translation, in pixels.
+        deformation: 0, the consistency term moves each image by whole pixels (`translate`);
+            > 0, it also rotates, scales, shears and elastically displaces it, with this
+            strength (`deform`; 1: up to 15 degrees, 10%, 0.15 shear, 1.5-pixel elastic field).
         seed: the consistency term's translations (with the step number).
         balance_target: "uniform" (the class_balance term pulls the batch's mean posterior
             toward the uniform distribution) or "prior" (toward the learned class prior pi).
@@ -188,6 +196,7 @@ class SemiSupervisedEM:
         lr: float = 1e-3,
         reduce: Reduce | None = None,
         max_shift: int = 2,
+        deformation: float = 0.0,
         seed: int = 0,
         balance_target: str = "uniform",
         class_guess: str = "cnn",
@@ -195,6 +204,8 @@ class SemiSupervisedEM:
     ) -> None:
         if not isinstance(max_shift, int) or max_shift < 1:
             raise ValueError(f"max_shift must be an int >= 1, got {max_shift!r}")
+        if not (isinstance(deformation, (int, float)) and 0 <= deformation < math.inf):
+            raise ValueError(f"deformation must be a finite number >= 0, got {deformation!r}")
         if balance_target not in BALANCE_TARGETS:
             raise ValueError(f"balance_target must be 'prior' or 'uniform', got {balance_target!r}")
         if class_guess not in CLASS_GUESSES:
@@ -207,6 +218,7 @@ class SemiSupervisedEM:
         self.model = model
         self.teacher = teacher  # checked against the model
         self.max_shift = max_shift
+        self.deformation = float(deformation)
         self.seed = seed
         self.steps = 0  # steps taken: with the seed, it draws the consistency translations
         self.weights = weights if weights is not None else LossWeights()
@@ -350,7 +362,10 @@ class SemiSupervisedEM:
         if local == 0:
             return scores.sum() * 0.0
         images = x[unlabelled]
-        shifted = translate(images, content_shifts(images, offset, self.max_shift))
+        if self.deformation > 0:
+            shifted = deform(images, offset, self.max_shift, self.deformation)
+        else:
+            shifted = translate(images, content_shifts(images, offset, self.max_shift))
         if self.teacher is None:
             target = scores[unlabelled].detach().softmax(1)
         else:

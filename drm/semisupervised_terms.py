@@ -2,10 +2,12 @@
 
 Each returns a scalar that is a mean over its images (the module docstring of
 `drm.semisupervised` says which images, and where each term comes from); `translate` and
-`content_shifts` make the consistency term's translations.
+`content_shifts` make the consistency term's translations, `deform` its deformations.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -143,16 +145,111 @@ def content_shifts(x: Tensor, offset: int, max_shift: int) -> Tensor:
     return torch.stack([key // side - max_shift, key % side - max_shift], 1)
 
 
+# The consistency term's deformations at strength 1 (`deform`): each is drawn uniformly in
+# [-scale, scale] per image and multiplied by the strength.
+DEFORMATION_SCALES = {
+    "rotation_degrees": 15.0,  # about the image centre
+    "scale": 0.1,  # relative change of size
+    "shear": 0.15,  # horizontal shear (pixels per pixel)
+    "elastic_pixels": 1.5,  # displacement at each control point of the elastic field
+}
+ELASTIC_GRID = 4  # control points per side of the smooth elastic displacement field
+_PRIME = 2**31 - 1  # the hash's modulus
+
+
+def content_uniforms(x: Tensor, offset: int, count: int) -> Tensor:
+    """`count` pseudo-random numbers in [0, 1) per image: (B, count) float64.
+
+    A function of the image's pixels (quantised to 1/256) and of `offset` alone, like
+    `content_shifts`: the same image gets the same numbers wherever it sits in a batch or a
+    shard, and on any device. The pixels' dot products with fixed integer weights are integers
+    below 2^53, which float64 sums exactly in any order; multiplicative hashing mod 2^31 - 1
+    then mixes them with the offset.
+    """
+    levels = torch.remainder((x.detach().flatten(1).to(torch.float64) * 256).round(), 4096)
+    generator = torch.Generator().manual_seed(54321)
+    weights = torch.randint(1, 2**20, (levels.shape[1], count), generator=generator)  # (D, K)
+    salt = torch.randint(1, _PRIME, (count,), generator=generator)  # (K,)
+    if levels.shape[1] * 4096 * 2**20 >= 2**53:
+        raise ValueError(f"content_uniforms: {levels.shape[1]} values per image is too many")
+    key = (levels @ weights.to(levels)).to(torch.int64) % _PRIME  # (B, K), exact
+    key = (key + (offset + 1) * salt.to(key.device)) % _PRIME
+    for multiplier, shift in ((16807, 13), (48271, 11), (69621, 7)):
+        key = (key * multiplier) % _PRIME
+        key = key ^ (key >> shift)  # stays below 2^31
+    return key.to(torch.float64) / 2**31
+
+
+def source_coordinates(
+    u: Tensor, height: int, width: int, max_shift: float, strength: float
+) -> Tensor:
+    """Where each output pixel of a deformed image samples its input: (B, H, W, 2) (row, col).
+
+    u: (B, 5 + 2 ELASTIC_GRID^2) numbers in [0, 1), each mapped to a = 2u - 1 in [-1, 1):
+    translation t = a[0:2] max_shift (rows, columns); the affine map about the centre c,
+    rotation a[2] * 15 degrees * strength, scale 1 + a[3] * 0.1 * strength, shear a[4] * 0.15 *
+    strength (`DEFORMATION_SCALES`); an elastic displacement e(q) that is the bicubic
+    interpolation over the image of a[5:] * 1.5 * strength pixels at ELASTIC_GRID^2 control
+    points. The output pixel q samples the input at c + k R S (q - c) - t + e(q).
+    """
+    a = 2 * u - 1  # (B, K)
+    batch = a.shape[0]
+    angle = a[:, 2] * math.radians(DEFORMATION_SCALES["rotation_degrees"]) * strength
+    scale = 1 + a[:, 3] * DEFORMATION_SCALES["scale"] * strength
+    shear = a[:, 4] * DEFORMATION_SCALES["shear"] * strength
+    cos, sin = angle.cos(), angle.sin()
+    # (col, row) = k R(angle) [[1, shear], [0, 1]] (dcol, drow)
+    m_cc, m_cr = scale * cos, scale * (cos * shear - sin)
+    m_rc, m_rr = scale * sin, scale * (sin * shear + cos)
+    rows = torch.arange(height, dtype=a.dtype, device=a.device) - (height - 1) / 2
+    cols = torch.arange(width, dtype=a.dtype, device=a.device) - (width - 1) / 2
+    dr, dc = rows[None, :, None], cols[None, None, :]  # (1, H, 1), (1, 1, W)
+    source_col = (width - 1) / 2 + m_cc[:, None, None] * dc + m_cr[:, None, None] * dr
+    source_row = (height - 1) / 2 + m_rc[:, None, None] * dc + m_rr[:, None, None] * dr
+    source = torch.stack([source_row, source_col], -1)  # (B, H, W, 2)
+    source = source - (a[:, None, None, 0:2] * max_shift)
+    control = a[:, 5 : 5 + 2 * ELASTIC_GRID**2].reshape(batch, 2, ELASTIC_GRID, ELASTIC_GRID)
+    control = control * DEFORMATION_SCALES["elastic_pixels"] * strength
+    field = F.interpolate(control, size=(height, width), mode="bicubic", align_corners=True)
+    return source + field.permute(0, 2, 3, 1)
+
+
+def warp(x: Tensor, coordinates: Tensor) -> Tensor:
+    """x bilinearly sampled at pixel coordinates (row, col), zeros outside: (B, C, H, W).
+
+    coordinates: (B, H, W, 2), as `source_coordinates` gives them.
+    """
+    height, width = x.shape[-2:]
+    rows, cols = coordinates[..., 0], coordinates[..., 1]
+    # grid_sample's normalised coordinates (align_corners=False): pixel p is at (2p + 1)/n - 1
+    grid = torch.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], -1)
+    return F.grid_sample(
+        x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+
+
+def deform(x: Tensor, offset: int, max_shift: float, strength: float) -> Tensor:
+    """Each image translated, rotated, scaled, sheared and elastically displaced by amounts
+    drawn from its own pixels and `offset` (`content_uniforms`, `source_coordinates`):
+    x (B, C, H, W) -> (B, C, H, W)."""
+    u = content_uniforms(x, offset, 5 + 2 * ELASTIC_GRID**2)
+    return warp(x, source_coordinates(u, x.shape[-2], x.shape[-1], max_shift, strength))
+
+
 __all__ = [
     "UNLABELLED",
     "class_balance_term",
     "consistency_term",
     "content_shifts",
+    "content_uniforms",
     "cross_entropy_term",
+    "deform",
     "entropy_term",
     "generative_cross_entropy_term",
     "nonnegativity_term",
     "path_normalization_term",
     "reconstruction_term",
+    "source_coordinates",
     "translate",
+    "warp",
 ]

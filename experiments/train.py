@@ -208,6 +208,15 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         f"{DEFAULTS['ssl']['consistency_shift']})",
     )
     parser.add_argument(
+        "--consistency-deformation",
+        type=_non_negative_float,
+        default=None,
+        metavar="STRENGTH",
+        help="ssl: also rotate, scale, shear and elastically displace the consistency term's "
+        "images with this strength (1: up to 15 degrees, 10%%, 0.15 shear, a 1.5-pixel elastic "
+        f"field; default {DEFAULTS['ssl']['consistency_deformation']:g}: translations only)",
+    )
+    parser.add_argument(
         "--class-balance-target",
         choices=BALANCE_TARGETS,
         default=None,

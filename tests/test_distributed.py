@@ -282,13 +282,16 @@ def test_generative_em_shards_sum_to_the_whole_batch(refine_sweeps: int) -> None
         torch.testing.assert_close(r.model.class_log_prior, expected, atol=THREADS_F64_TOL, rtol=0)
 
 
-@pytest.mark.parametrize(("optimizer", "mean_teacher"), [("adam", False), ("sgd", False),
-                                                        ("adam", True)])  # fmt: skip
+SHARDED_SSL = [("adam", False, 0.0), ("sgd", False, 0.0), ("adam", True, 1.0)]
+
+
+@pytest.mark.parametrize(("optimizer", "mean_teacher", "deformation"), SHARDED_SSL)
 def test_semisupervised_em_shards_sum_to_the_whole_batch(
-    optimizer: str, mean_teacher: bool
+    optimizer: str, mean_teacher: bool, deformation: float
 ) -> None:
     """Every term on (the class-balance term: a function of the whole batch's mean posterior);
-    with a mean teacher, every process's consistency target is the same model's."""
+    with a mean teacher, every process's consistency target is the same model's; a process
+    deforms its images as one process deforms them."""
     model = build(ARCHITECTURES["leaky"], seed=31)
     teacher = build(ARCHITECTURES["leaky"], seed=33).requires_grad_(False) if mean_teacher else None
     data: list[tuple[Tensor, Tensor | None]] = []
@@ -299,9 +302,10 @@ def test_semisupervised_em_shards_sum_to_the_whole_batch(
     weights = LossWeights(class_balance=0.7, path_normalization=0.3, min_cross_entropy=0.5,
                           consistency=0.5, generative_cross_entropy=0.5)  # fmt: skip
     one = SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05,  # type: ignore[arg-type]
-                           teacher=teacher)  # fmt: skip
+                           teacher=teacher, deformation=deformation)  # fmt: skip
     ranks = [SemiSupervisedEM(copy.deepcopy(model), weights, optimizer=optimizer, lr=0.05,  # type: ignore[arg-type]
-                              teacher=teacher) for _ in range(3)]  # fmt: skip
+                              teacher=teacher, deformation=deformation)
+             for _ in range(3)]  # fmt: skip
     whole(one, data, epochs=2)
     sharded(ranks, data, epochs=2)
     assert_same_parameters(one.model, ranks, THREADS_F64_TOL)

@@ -183,7 +183,11 @@ RESUME_RUNS = [
     # parameter averaging (drm.averaging): the saved model is the average, the state the iterate
     pytest.param(SSL_AVERAGE, id="ssl-average"),
     # the mean teacher: the consistency target is the average, restored on resume
-    pytest.param([*SSL_AVERAGE, "--consistency-target", "average"], id="ssl-mean-teacher"),
+    # and the deformations of its consistency term, drawn from the images and the step number
+    pytest.param(
+        [*SSL_AVERAGE, "--consistency-target", "average", "--consistency-deformation", "1"],
+        id="ssl-mean-teacher-deformed",
+    ),
     # channels_last resumes: slow (test_channels_last_trains_the_same_model keeps the layout fast)
     *(
         pytest.param([*p.values[0], "--channels-last"], id=f"{p.id}-cl", marks=pytest.mark.slow)
@@ -581,6 +585,25 @@ def test_the_mean_teacher_is_the_average_and_binds_the_run(
     with pytest.raises(SystemExit):
         train.parse_args(["--smoke", *argv, "--average-decay", "0"])
     assert "--consistency-target average needs --average-decay > 0" in capsys.readouterr().err
+
+
+def test_the_consistency_deformation_reaches_the_trainer_and_binds_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--algo", "ssl", "--labels", "50", "--consistency-deformation", "1.5"]
+    run(tmp_path, *argv, epochs=1)
+    args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
+    trainer = build_trainer(args, load_checkpoint(tmp_path / CHECKPOINT).model)
+    assert trainer.trainer.deformation == 1.5  # type: ignore[attr-defined]
+    with pytest.raises(train.RunError, match="--consistency-deformation 1.5 .stored. vs 0.0"):
+        run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--smoke", "--algo", "ssl", "--consistency-deformation", bad])
+        assert "--consistency-deformation: must be a finite number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--smoke", "--algo", "sgd", "--consistency-deformation", "1"])
+    assert "--consistency-deformation applies to --algo ssl" in capsys.readouterr().err
 
 
 def test_the_class_guess_reaches_the_trainer_and_binds_the_run(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ ESSENTIAL = (
     "labelled_indices",
     "labelled_batch_size",
     "consistency_shift",
+    "consistency_deformation",
     "class_balance_target",
     "class_guess",
     "consistency_target",
@@ -76,6 +77,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "average_decay": 0.999,
         "labelled_batch_size": 32,
         "consistency_shift": 2,
+        "consistency_deformation": 0.0,
         # the uniform target kept two of three label draws from collapsing into one class
         "class_balance_target": "uniform",
         "class_guess": "cnn",
@@ -92,14 +94,15 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
         "generative_cross_entropy_weight": 0.0,
         "class_guess": "cnn",
         "consistency_target": "self",
+        "consistency_deformation": 0.0,
     },
     "dem": {"m_step": "gradient", "average_decay": 0.0},  # before --m-step: gradient M-steps
     "em": {"average_decay": 0.0},
 }
 SSL_WEIGHTS = LossWeights()  # the default weight of each semi-supervised term
 # The settings that only --algo ssl reads (None for the other algorithms).
-SSL_ONLY = ("labelled_batch_size", "consistency_shift", "class_balance_target", "class_guess",
-            "consistency_target",
+SSL_ONLY = ("labelled_batch_size", "consistency_shift", "consistency_deformation",
+            "class_balance_target", "class_guess", "consistency_target",
             *(f"{term}_weight" for term in TERMS))  # fmt: skip
 # Metric keys that measure time (they differ between an uninterrupted and a resumed run).
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "elapsed", "images_per_second")
@@ -160,6 +163,7 @@ class RunConfig:
     labelled_indices: str | None = None
     labelled_batch_size: int | None = None  # ssl: labelled images per batch (None: 32)
     consistency_shift: int | None = None  # ssl: the consistency term's largest shift (None: 2)
+    consistency_deformation: float | None = None  # ssl: its deformations' strength (None: 0)
     class_balance_target: Literal["prior", "uniform"] | None = None  # ssl; None: uniform
     # ssl: an unlabelled image's class in the E-step, from the CNN's or the generative scores
     class_guess: Literal["cnn", "generative"] | None = None  # None: cnn
@@ -233,7 +237,7 @@ class RunConfig:
                 check_count(value, option, 1)
             elif field.name in POSITIVE_FLOATS:
                 check_nonnegative(value, option, positive=True)
-            elif field.name.endswith("_weight"):
+            elif field.name.endswith("_weight") or field.name == "consistency_deformation":
                 check_nonnegative(value, option)
         if (
             self.model is not None

@@ -139,6 +139,7 @@ def _algorithm_trainer(config: RunConfig, model: Any) -> Trainer:
             lr=config.lr,
             reduce=reduce,
             max_shift=config.consistency_shift,
+            deformation=config.consistency_deformation or 0.0,
             seed=config.seed,
             balance_target=config.class_balance_target,
             class_guess=config.class_guess,
