@@ -568,13 +568,18 @@ def test_the_class_balance_target_reaches_the_trainer_and_binds_the_run(tmp_path
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
 
 
+def trainer_of_a_run(tmp_path: Path, argv: list[str]) -> Any:
+    """One epoch of a run with argv, then the trainer that --resume builds from its checkpoint."""
+    run(tmp_path, *argv, epochs=1)
+    args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
+    return build_trainer(args, load_checkpoint(tmp_path / CHECKPOINT).model)
+
+
 def test_the_mean_teacher_is_the_average_and_binds_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--algo", "ssl", "--labels", "50", "--consistency-target", "average"]
-    run(tmp_path, *argv, epochs=1)
-    args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
-    trainer = build_trainer(args, load_checkpoint(tmp_path / CHECKPOINT).model)
+    trainer = trainer_of_a_run(tmp_path, argv)
     assert isinstance(trainer, ParameterAverage)
     assert trainer.trainer.teacher is trainer.average  # type: ignore[attr-defined]
     default = train.parse_args([*SMALL, "--algo", "ssl", "--out", str(tmp_path)])
@@ -590,10 +595,9 @@ def test_the_mean_teacher_is_the_average_and_binds_the_run(
 def test_the_consistency_deformation_reaches_the_trainer_and_binds_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--algo", "ssl", "--labels", "50", "--consistency-deformation", "1.5"]
-    run(tmp_path, *argv, epochs=1)
-    args = train.parse_args([*SMALL, *argv, "--out", str(tmp_path)])
-    trainer = build_trainer(args, load_checkpoint(tmp_path / CHECKPOINT).model)
+    trainer = trainer_of_a_run(
+        tmp_path, ["--algo", "ssl", "--labels", "50", "--consistency-deformation", "1.5"]
+    )
     assert trainer.trainer.deformation == 1.5  # type: ignore[attr-defined]
     with pytest.raises(train.RunError, match="--consistency-deformation 1.5 .stored. vs 0.0"):
         run(tmp_path, "--algo", "ssl", "--labels", "50", "--resume", epochs=2)
