@@ -154,6 +154,8 @@ DEFORMATION_SCALES = {
     "elastic_pixels": 1.5,  # displacement at each control point of the elastic field
 }
 ELASTIC_GRID = 4  # control points per side of the smooth elastic displacement field
+# the numbers `deform` draws per image: translation (2), rotation, scale, shear, elastic field
+DEFORMATION_PARAMETERS = 5 + 2 * ELASTIC_GRID**2
 _PRIME = 2**31 - 1  # the hash's modulus
 
 
@@ -166,12 +168,13 @@ def content_uniforms(x: Tensor, offset: int, count: int) -> Tensor:
     below 2^53, which float64 sums exactly in any order; multiplicative hashing mod 2^31 - 1
     then mixes them with the offset.
     """
+    values = math.prod(x.shape[1:])
+    if values * 4096 * 2**20 >= 2**53:  # the dot products would no longer be exact
+        raise ValueError(f"content_uniforms: {values} values per image is too many (< 2^21)")
     levels = torch.remainder((x.detach().flatten(1).to(torch.float64) * 256).round(), 4096)
     generator = torch.Generator().manual_seed(54321)
     weights = torch.randint(1, 2**20, (levels.shape[1], count), generator=generator)  # (D, K)
     salt = torch.randint(1, _PRIME, (count,), generator=generator)  # (K,)
-    if levels.shape[1] * 4096 * 2**20 >= 2**53:
-        raise ValueError(f"content_uniforms: {levels.shape[1]} values per image is too many")
     key = (levels @ weights.to(levels)).to(torch.int64) % _PRIME  # (B, K), exact
     key = (key + (offset + 1) * salt.to(key.device)) % _PRIME
     for multiplier, shift in ((16807, 13), (48271, 11), (69621, 7)):
@@ -185,7 +188,7 @@ def source_coordinates(
 ) -> Tensor:
     """Where each output pixel of a deformed image samples its input: (B, H, W, 2) (row, col).
 
-    u: (B, 5 + 2 ELASTIC_GRID^2) numbers in [0, 1), each mapped to a = 2u - 1 in [-1, 1):
+    u: (B, DEFORMATION_PARAMETERS) numbers in [0, 1), each mapped to a = 2u - 1 in [-1, 1):
     translation t = a[0:2] max_shift (rows, columns); the affine map about the centre c,
     rotation a[2] * 15 degrees * strength, scale 1 + a[3] * 0.1 * strength, shear a[4] * 0.15 *
     strength (`DEFORMATION_SCALES`); an elastic displacement e(q) that is the bicubic
@@ -232,7 +235,7 @@ def deform(x: Tensor, offset: int, max_shift: float, strength: float) -> Tensor:
     """Each image translated, rotated, scaled, sheared and elastically displaced by amounts
     drawn from its own pixels and `offset` (`content_uniforms`, `source_coordinates`):
     x (B, C, H, W) -> (B, C, H, W)."""
-    u = content_uniforms(x, offset, 5 + 2 * ELASTIC_GRID**2)
+    u = content_uniforms(x, offset, DEFORMATION_PARAMETERS)
     return warp(x, source_coordinates(u, x.shape[-2], x.shape[-1], max_shift, strength))
 
 

@@ -61,6 +61,7 @@ from typing import Any
 from drm import distributed
 from drm.m_steps import DEFAULT_ETA, M_STEPS
 from drm.semisupervised import BALANCE_TARGETS, CLASS_GUESSES, CONSISTENCY_TARGETS
+from drm.semisupervised_terms import DEFORMATION_SCALES
 from experiments._cli import EXPECTED_ERRORS, Parser, one_line, positive_float, positive_int
 from experiments.training.config import (
     DEFAULTS,
@@ -213,8 +214,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         default=None,
         metavar="STRENGTH",
         help="ssl: also rotate, scale, shear and elastically displace the consistency term's "
-        "images with this strength (1: up to 15 degrees, 10%%, 0.15 shear, a 1.5-pixel elastic "
-        f"field; default {DEFAULTS['ssl']['consistency_deformation']:g}: translations only)",
+        "images with this strength (1: up to {rotation_degrees:g} degrees, {percent:g}%%, "
+        "{shear:g} shear, a {elastic_pixels:g}-pixel elastic field; default {default:g}: "
+        "translations only)".format(
+            **DEFORMATION_SCALES,
+            percent=100 * DEFORMATION_SCALES["scale"],
+            default=DEFAULTS["ssl"]["consistency_deformation"],
+        ),
     )
     parser.add_argument(
         "--class-balance-target",

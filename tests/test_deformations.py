@@ -17,8 +17,8 @@ import torch
 import drm
 from drm.semisupervised import UNLABELLED, LossWeights, SemiSupervisedEM
 from drm.semisupervised_terms import (
+    DEFORMATION_PARAMETERS,
     DEFORMATION_SCALES,
-    ELASTIC_GRID,
     content_uniforms,
     deform,
     source_coordinates,
@@ -28,7 +28,7 @@ from drm.semisupervised_terms import (
 from tests.architectures import ARCHITECTURES, build, images
 
 IDENTITY_TOL = 1e-10  # float64 identities
-PARAMETERS = 5 + 2 * ELASTIC_GRID**2  # uniforms per image that `deform` draws
+PARAMETERS = DEFORMATION_PARAMETERS  # uniforms per image that `deform` draws
 
 
 def pixel_grid(batch: int, height: int, width: int) -> torch.Tensor:
@@ -162,3 +162,10 @@ def test_the_consistency_term_compares_the_deformed_images() -> None:
     for bad in (-1.0, math.inf, "1"):
         with pytest.raises(ValueError, match="deformation must be a finite number >= 0"):
             SemiSupervisedEM(model, deformation=bad)  # type: ignore[arg-type]
+
+
+def test_content_uniforms_refuse_images_too_large_to_hash_exactly() -> None:
+    """Past 2^21 values per image the float64 dot products would round: refused, not wrong."""
+    with pytest.raises(ValueError, match="values per image is too many"):
+        content_uniforms(torch.zeros(1, 1, 1, 2**21), offset=0, count=3)
+    assert content_uniforms(torch.zeros(1, 1, 1, 2**21 - 1), offset=0, count=3).shape == (1, 3)

@@ -112,6 +112,7 @@ POSITIVE_INTS = ("epochs", "batch_size", "m_steps", "num_classes", "labels", "la
                  "consistency_shift", "template_size", "cg_iterations", "refine_sweeps", "threads",
                  "limit_train", "limit_test", "eval_batch_size")  # fmt: skip
 POSITIVE_FLOATS = ("lr", "lr_decay", "em_step_size", "dist_timeout", "m_step_eta")
+NON_NEGATIVE_FLOATS = ("consistency_deformation", *(f"{term}_weight" for term in TERMS))
 MODEL_PRESETS = ("lenet", "small", "shallow")  # --model's names; anything else is a PATH.json
 SMOKE_IMAGES = 256  # --smoke: the training images (at most)
 
@@ -237,7 +238,7 @@ class RunConfig:
                 check_count(value, option, 1)
             elif field.name in POSITIVE_FLOATS:
                 check_nonnegative(value, option, positive=True)
-            elif field.name.endswith("_weight") or field.name == "consistency_deformation":
+            elif field.name in NON_NEGATIVE_FLOATS:
                 check_nonnegative(value, option)
         if (
             self.model is not None
